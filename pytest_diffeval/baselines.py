@@ -1,0 +1,345 @@
+"""Stored baselines: one JSON file per test under ``baselines/``, built on syrupy.
+
+``baselines/<test file path>/<test name>.json`` holds one entry per metric the test
+checks: per-sample values (one per ``(prompt, seed)``), the value, the backbone and the
+run's signature and provenance.  Syrupy drives the workflow: ``pytest --snapshot-update``
+records or refreshes entries and reports (and with the flag deletes) unused ones.  Each
+test owns its file, and every write replaces the file atomically, so parallel workers
+(``-n``) never lose entries and a killed run leaves the old or the new file, never half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from syrupy.data import Snapshot, SnapshotCollection, SnapshotCollections
+from syrupy.extensions.base import AbstractSyrupyExtension
+
+from . import settings
+from .metrics import MetricResult, compute_metric, get_metric
+from .verdicts import Comparison, compare_paired, compare_values
+
+FORMAT_VERSION = 1
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class BaselineError(AssertionError):
+    """A baseline that is missing, unreadable or recorded under other conditions.
+    Always a failure: never a skip, never a silent comparison."""
+
+
+@dataclass
+class Corrupt:
+    """What the extension returns for a baseline file that cannot be parsed."""
+
+    path: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- records
+
+
+def signature(result: MetricResult, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for two runs' numbers to be comparable."""
+    prompts_sha = hashlib.sha256("\n".join(images.prompts).encode()).hexdigest()[:16]
+    return {
+        "metric": result.metric,
+        "backbone": result.backbone,
+        "image_size": list(images.image_size),
+        "n_samples": len(images),
+        "prompts_sha256": prompts_sha,
+        "seeds": sorted(set(images.seeds)),
+        "call_kwargs": images.call_kwargs,
+        "metric_options": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def build_record(result: MetricResult, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "metric": result.metric,
+        "backbone": result.backbone,
+        "higher_is_better": result.higher_is_better,
+        "value": result.value,
+        "signature": signature(result, images, options),
+        "provenance": images.provenance,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if result.per_sample is not None:
+        record["samples"] = [
+            {"prompt": p, "seed": s, "value": float(v)}
+            for p, s, v in zip(images.prompts, images.seeds, result.per_sample)
+        ]
+    return record
+
+
+def per_sample_map(record: dict[str, Any]) -> dict[str, float]:
+    return {f"{s['seed']}|{s['prompt']}": float(s["value"]) for s in record.get("samples", [])}
+
+
+def signature_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two signatures (empty when comparable)."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        if key == "prompts_sha256":
+            continue
+        if stored.get(key) != current.get(key):
+            out.append(f"{key}: baseline {stored.get(key)!r}, this run {current.get(key)!r}")
+    if stored.get("prompts_sha256") != current.get("prompts_sha256"):
+        out.append("prompts: the prompt list differs from the baseline's")
+    return out
+
+
+# --------------------------------------------------------------------------- syrupy
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_baseline_file(path: Path) -> dict[str, Any]:
+    """Parse and validate one baseline file; raise ``ValueError`` saying what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checks"), dict):
+        raise ValueError("not a pytest-diffeval baseline (no 'checks' object)")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"format_version {version!r} is newer than this pytest-diffeval understands ({FORMAT_VERSION}); "
+            "upgrade pytest-diffeval"
+        )
+    return data
+
+
+class DiffevalBaselineExtension(AbstractSyrupyExtension):
+    """A syrupy extension: one JSON collection per test, one snapshot per metric, compared
+    with a tolerance (:meth:`matches` stores the :class:`Comparison` it made)."""
+
+    file_extension = "json"
+    write_immediately = True
+    root: Path = Path("baselines")  # set by the plugin from ini ``diffeval_baselines_dir``
+    rootdir: Path = Path.cwd()  # the pytest rootdir, to mirror test paths under ``root``
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_outcome: Any = None
+        self.tolerance: float | None = None
+
+    # ---- storage: where
+    @classmethod
+    def dirname(cls, *, test_location: Any) -> str:
+        test_file = Path(test_location.filepath).resolve()
+        try:
+            relative = test_file.relative_to(cls.rootdir.resolve())
+        except ValueError:
+            relative = Path(test_file.name)
+        directory = (cls.root / relative.with_suffix("")).resolve()
+        if not directory.is_relative_to(cls.root.resolve()):
+            raise BaselineError(f"pytest-diffeval: refusing a baseline directory outside {cls.root}: {directory}")
+        return str(directory)
+
+    @staticmethod
+    def _clean(name: str) -> str:
+        cleaned = "".join(c for c in name if c not in '\\/?*:|"<>' and c.isprintable())
+        cleaned = cleaned.lstrip(".") or "_"
+        return cleaned[:200]
+
+    @classmethod
+    def get_file_basename(cls, *, test_location: Any, index: Any) -> str:
+        return cls._clean(test_location.snapshot_name)
+
+    @classmethod
+    def get_snapshot_name(cls, *, test_location: Any, index: Any = 0) -> str:
+        return f"{cls._clean(test_location.snapshot_name)}[{index}]"
+
+    def discover_snapshots(self, *, test_location: Any, ignore_extensions: list[str] | None = None) -> SnapshotCollections:
+        """Only this test module's ``*.json`` files are baselines (safetensors beside them are not)."""
+        discovered = SnapshotCollections()
+        directory = Path(self.dirname(test_location=test_location))
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.json")):
+                collection = self.read_snapshot_collection(snapshot_location=str(path))
+                if collection.has_snapshots:
+                    discovered.add(collection)
+        return discovered
+
+    # ---- storage: read
+    def read_snapshot_collection(self, *, snapshot_location: str) -> SnapshotCollection:
+        collection = SnapshotCollection(location=snapshot_location)
+        stem = Path(snapshot_location).stem
+        try:
+            data = read_baseline_file(Path(snapshot_location))
+        except (ValueError, OSError):
+            return collection
+        for metric in data["checks"]:
+            collection.add(Snapshot(name=f"{stem}[{metric}]"))
+        return collection
+
+    def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str, session_id: str) -> Any:
+        path = Path(snapshot_location)
+        if not path.exists():
+            return None
+        try:
+            data = read_baseline_file(path)
+        except (ValueError, OSError) as exc:
+            return Corrupt(str(path), str(exc))
+        metric = snapshot_name[len(path.stem) + 1 : -1]
+        return data["checks"].get(metric)
+
+    # ---- storage: write (atomic, merging the other metrics of the same test)
+    @classmethod
+    def write_snapshot_collection(cls, *, snapshot_collection: SnapshotCollection, name_order: Any = None) -> None:
+        path = Path(snapshot_collection.location)
+        try:
+            data = read_baseline_file(path) if path.exists() else None
+        except (ValueError, OSError):
+            data = None  # a corrupt file is replaced by the update the user asked for
+        data = data or {"format_version": FORMAT_VERSION, "checks": {}}
+        data["format_version"] = FORMAT_VERSION
+        for snapshot in snapshot_collection:
+            record = dict(snapshot.data)
+            data["test"] = record.pop("_test", data.get("test"))
+            data["checks"][record["metric"]] = record
+        data["checks"] = dict(sorted(data["checks"].items()))
+        _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def delete_snapshots(self, *, snapshot_location: str, snapshot_names: set[str]) -> None:
+        path = Path(snapshot_location)
+        try:
+            data = read_baseline_file(path)
+        except (ValueError, OSError):
+            return
+        for name in snapshot_names:
+            data["checks"].pop(name[len(path.stem) + 1 : -1], None)
+        if data["checks"]:
+            _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        else:
+            path.unlink(missing_ok=True)
+
+    # ---- serialise / compare
+    def serialize(self, data: Any, **kwargs: Any) -> Any:
+        return data
+
+    def matches(self, *, serialized_data: Any, snapshot_data: Any) -> bool:
+        self.last_outcome = outcome = judge(serialized_data, snapshot_data, self.tolerance)
+        return isinstance(outcome, Comparison) and outcome.passed
+
+
+def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
+    """A :class:`Comparison`, or a :class:`Corrupt` / list of signature differences."""
+    if isinstance(stored, Corrupt):
+        return stored
+    if not isinstance(stored, dict) or "value" not in stored or "signature" not in stored:
+        return Corrupt("", f"the entry for {record['metric']!r} lacks 'value' or 'signature'")
+    differences = signature_differences(stored["signature"], record["signature"])
+    if differences:
+        return differences
+    metric = get_metric(record["metric"])
+    tol = metric.default_tolerance(float(stored["value"])) if tolerance is None else float(tolerance)
+    if "samples" in stored and "samples" in record:
+        return compare_paired(record["metric"], record["backbone"], record["higher_is_better"],
+                              per_sample_map(record), per_sample_map(stored), record["value"],
+                              float(stored["value"]), tol)
+    return compare_values(record["metric"], record["backbone"], record["higher_is_better"],
+                          record["value"], float(stored["value"]), tol)
+
+
+# --------------------------------------------------------------------------- fixture object
+
+
+class DiffevalBaseline:
+    """What the ``diffeval_baseline`` fixture returns: compares a run with the test's
+    stored baseline, or records it under ``--snapshot-update``."""
+
+    def __init__(self, snapshot: Any, test_id: str) -> None:
+        self._snapshot = snapshot.use_extension(DiffevalBaselineExtension)
+        self.test_id = test_id
+
+    @property
+    def path(self) -> Path:
+        return Path(self._snapshot.extension.get_location(test_location=self._snapshot.test_location, index=0))
+
+    def assert_no_regression(self, images: Any, metric: str, *, tolerance: float | None = None,
+                             **metric_options: Any) -> Comparison | None:
+        """Measure ``metric`` on ``images`` and fail if it regressed against the stored
+        baseline by more than ``tolerance`` (default: the metric's, see README)."""
+        from .assertions import fail, record_check
+
+        __tracebackhide__ = True
+        if not _METRIC_NAME.match(metric):
+            raise ValueError(f"pytest-diffeval: metric name {metric!r} may only hold letters, digits, '_', '.', '-'")
+        result = compute_metric(metric, images, **metric_options)
+        record = build_record(result, images, metric_options)
+        record["_test"] = self.test_id
+        assertion = self._snapshot(name=metric)
+        extension = assertion.extension
+        extension.tolerance = tolerance
+        extension.last_outcome = None
+        updating = bool(assertion.update_snapshots)
+        matched = assertion == record
+        outcome = extension.last_outcome
+        location = self.path
+        if updating:
+            verdict = "pass" if matched else "recorded"
+            record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location),
+                         comparison=outcome if isinstance(outcome, Comparison) else None)
+            return outcome if isinstance(outcome, Comparison) else None
+        rerun = f"pytest --snapshot-update {_node_for_cli(self.test_id)}"
+        if outcome is None:
+            record_check(self.test_id, result, images, verdict="missing baseline", baseline_file=str(location))
+            fail(images, f"no baseline for {metric!r} of this test in {location}.\n"
+                         f"  measured {metric} = {result.value:.4f} ({result.backbone})\n"
+                         f"  record it with: {rerun}", error=BaselineError)
+        if isinstance(outcome, Corrupt):
+            record_check(self.test_id, result, images, verdict="corrupt baseline", baseline_file=str(location))
+            fail(images, f"baseline {outcome.path or location} cannot be used: {outcome.reason}.\n"
+                         f"  fix: restore it from version control, or re-record it with: {rerun}", error=BaselineError)
+        if isinstance(outcome, list):
+            record_check(self.test_id, result, images, verdict="baseline mismatch", baseline_file=str(location))
+            fail(images, f"baseline {location} for {metric!r} was recorded under other conditions, so the "
+                         "numbers are not comparable:\n    " + "\n    ".join(outcome) +
+                         f"\n  fix: if the change is intended, re-record with: {rerun}", error=BaselineError)
+        record_check(self.test_id, result, images, verdict=outcome.verdict, baseline_file=str(location),
+                     comparison=outcome)
+        if not outcome.passed:
+            fail(images, regression_message(outcome, location, rerun))
+        return outcome
+
+
+def _node_for_cli(test_id: str) -> str:
+    return f"'{test_id}'" if any(c in test_id for c in " []") else test_id
+
+
+def regression_message(c: Comparison, location: Path, rerun: str) -> str:
+    direction = "higher" if c.higher_is_better else "lower"
+    lines = [
+        f"{c.metric} regressed against the baseline ({c.backbone}; {direction} is better)",
+        f"  this run: {c.value:.4f}   baseline: {c.baseline:.4f}   change: {c.delta:+.4f}",
+    ]
+    if c.method == "paired-t":
+        lo, hi = c.interval or (c.effect, c.effect)
+        lines.append(f"  paired over {c.n} (prompt, seed) samples: mean change {c.effect:+.4f} "
+                     f"(95% CI {lo:+.4f} .. {hi:+.4f}); one-sided 95% bound {c.bound:+.4f} < -tolerance {c.tolerance:.4f}")
+        lines.append("  samples that moved most (baseline -> this run):")
+        lines += [f"    {m['change']:+8.3f}  {m['baseline']:.3f} -> {m['value']:.3f}  seed {m['seed']}  {m['prompt']!r}"
+                  for m in c.moved]
+    else:
+        lines.append(f"  change {c.effect:+.4f} (signed, + better) is beyond the tolerance {c.tolerance:.4f}")
+    lines.append(f"  baseline file: {location}")
+    lines.append(f"  if the change is intended, update the baseline: {rerun}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Metrics: each one turns an :class:`~pytest_diffeval.ImageSet` into a
+:class:`MetricResult` (state in, number out, like a torchmetrics ``Metric``), declares
+whether higher is better, and is found by name in a registry that user metrics join.
+
+A user metric::
+
+    from pytest_diffeval.metrics import register_metric
+
+    @register_metric("brightness", higher_is_better=True, absolute_tolerance=2.0)
+    def brightness(images):            # per-sample values, one per image
+        return images.images.mean(axis=(1, 2, 3))
+
+then works everywhere a built-in does: ``diffeval_baseline.assert_no_regression(images, "brightness")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class MetricResult:
+    """One metric measured on one image set."""
+
+    metric: str
+    value: float
+    backbone: str
+    higher_is_better: bool
+    per_sample: np.ndarray | None = None  # aligned with ImageSet.sample_keys
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Metric:
+    """Base of every metric.  Subclasses set the class attributes and implement ``compute``.
+
+    ``absolute_tolerance``/``relative_tolerance`` give the default regression tolerance
+    (the larger of the two, relative to the baseline's value) used when a test passes none.
+    """
+
+    name: str = ""
+    higher_is_better: bool = True
+    per_sample: bool = True
+    absolute_tolerance: float = 0.0
+    relative_tolerance: float = 0.0
+
+    def compute(self, images: Any, **options: Any) -> MetricResult:
+        raise NotImplementedError
+
+    def default_tolerance(self, baseline_value: float) -> float:
+        return max(self.absolute_tolerance, self.relative_tolerance * abs(baseline_value))
+
+
+class FunctionMetric(Metric):
+    """A metric from a function returning per-sample values (the mean is the value)."""
+
+    def __init__(self, name: str, func: Callable[..., Any], *, higher_is_better: bool,
+                 absolute_tolerance: float, relative_tolerance: float, backbone: str) -> None:
+        self.name = name
+        self.func = func
+        self.higher_is_better = higher_is_better
+        self.absolute_tolerance = absolute_tolerance
+        self.relative_tolerance = relative_tolerance
+        self.backbone = backbone
+
+    def compute(self, images: Any, **options: Any) -> MetricResult:
+        values = np.asarray(self.func(images, **options), dtype=np.float64).reshape(-1)
+        if len(values) != len(images):
+            raise ValueError(f"metric {self.name!r} returned {len(values)} values for {len(images)} images; return one per image")
+        return MetricResult(self.name, float(values.mean()), self.backbone, self.higher_is_better, per_sample=values)
+
+
+_REGISTRY: dict[str, Metric] = {}
+# Built-ins are imported when first asked for: importing torchmetrics costs seconds,
+# and the plugin is loaded by every pytest run in the environment.
+_BUILTINS: dict[str, tuple[str, str]] = {
+    "clip_score": ("clip", "ClipScore"),
+    "fid": ("fid", "FID"),
+}
+
+
+def register_metric(
+    name_or_metric: str | Metric,
+    *,
+    higher_is_better: bool = True,
+    absolute_tolerance: float = 0.0,
+    relative_tolerance: float = 0.0,
+    backbone: str = "custom",
+) -> Any:
+    """Register a :class:`Metric` instance, or (as a decorator) a per-sample function."""
+    if isinstance(name_or_metric, Metric):
+        _REGISTRY[name_or_metric.name] = name_or_metric
+        return name_or_metric
+
+    def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[name_or_metric] = FunctionMetric(
+            name_or_metric, func, higher_is_better=higher_is_better,
+            absolute_tolerance=absolute_tolerance, relative_tolerance=relative_tolerance, backbone=backbone,
+        )
+        return func
+
+    return decorator
+
+
+def get_metric(name: str) -> Metric:
+    if name not in _REGISTRY and name in _BUILTINS:
+        import importlib
+
+        module, cls = _BUILTINS[name]
+        register_metric(getattr(importlib.import_module(f"{__name__}.{module}"), cls)())
+    if name not in _REGISTRY:
+        raise KeyError(f"pytest-diffeval: unknown metric {name!r}; known: {sorted(set(_REGISTRY) | set(_BUILTINS))} "
+                       "(register your own with pytest_diffeval.metrics.register_metric)")
+    return _REGISTRY[name]
+
+
+def compute_metric(name: str, images: Any, **options: Any) -> MetricResult:
+    """Compute a registered metric; an unexpected error names the metric."""
+    metric = get_metric(name)
+    try:
+        return metric.compute(images, **options)
+    except (KeyError, ValueError, FileNotFoundError, TypeError, ImportError):
+        raise  # our own clear errors about the input
+    except Exception as exc:  # noqa: BLE001 - re-raised with the metric's name
+        raise RuntimeError(f"pytest-diffeval: metric {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+__all__ = ["Metric", "MetricResult", "FunctionMetric", "register_metric", "get_metric", "compute_metric"]

@@ -1,0 +1,200 @@
+"""FID (torchmetrics' ``FrechetInceptionDistance``) against a reference set whose
+feature statistics are computed once and cached on disk (safetensors, never pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torchmetrics
+from safetensors.torch import load_file, save_file
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from .. import settings
+from . import Metric, MetricResult
+from .backbones import clip_features_module, load_clip
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+class ReferenceSetError(ValueError):
+    """A reference image set or statistics file that cannot be used."""
+
+
+def _feature_extractor(features: Any, device: str) -> tuple[FrechetInceptionDistance, str, str]:
+    """``(metric, feature id, preprocessing description)`` for a features spec:
+    ``"inception-v3-<dim>"`` (torchmetrics' Inception, torch-fidelity weights),
+    ``"clip:<clip model>"`` (CLIP image embeddings) or an ``nn.Module`` with ``num_features``."""
+    if isinstance(features, torch.nn.Module):
+        metric = FrechetInceptionDistance(feature=features, reset_real_features=False, normalize=False)
+        return metric, getattr(features, "id", type(features).__name__), "custom module"
+    if features.startswith("clip:"):
+        backbone = load_clip(features[5:], device)
+        metric = FrechetInceptionDistance(feature=clip_features_module(backbone), reset_real_features=False, normalize=False)
+        return metric, f"clip:{backbone.id}", "CLIPProcessor (resize, centre crop, normalise)"
+    if features.startswith("inception-v3-"):
+        dim = int(features.rsplit("-", 1)[1])
+        weights = settings.current().inception_weights
+        try:
+            metric = FrechetInceptionDistance(
+                feature=dim, reset_real_features=False, normalize=False, antialias=True,
+                feature_extractor_weights_path=weights,
+            )
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"pytest-diffeval: FID features {features!r} need torchmetrics' Inception (package torch-fidelity, "
+                "`pip install torch-fidelity`) and, offline, its weights file via --diffeval-inception-weights. "
+                "Or choose CLIP features: fid_features='clip:<clip model>'."
+            ) from exc
+        return metric, f"{features}{'@' + Path(weights).name if weights else ''}", "torch-fidelity Inception, 299px bilinear, antialias=True"
+    raise ValueError(f"pytest-diffeval: unknown FID features {features!r}; use 'inception-v3-2048', 'clip:<model>' or an nn.Module")
+
+
+def _load_folder(folder: Path) -> Iterator[np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ReferenceSetError(
+            f"pytest-diffeval: reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "fix: point at a folder of reference images or at cached statistics (.safetensors)"
+        )
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                yield np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ReferenceSetError(f"pytest-diffeval: cannot read reference image {file}: {exc}; fix: remove or replace the file") from exc
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _update_from_arrays(metric: FrechetInceptionDistance, arrays: Iterator[np.ndarray], real: bool, device: str,
+                        batch_size: int) -> int:
+    """Stream images (same-size runs batched) through the extractor; never holds all of them."""
+    batch: list[np.ndarray] = []
+    count = 0
+
+    def flush() -> None:
+        if batch:
+            tensor = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)
+            metric.update(tensor, real=real)
+            batch.clear()
+
+    for image in arrays:
+        if batch and (image.shape != batch[0].shape or len(batch) == batch_size):
+            flush()
+        batch.append(image)
+        count += 1
+    flush()
+    return count
+
+
+def cache_dir() -> Path:
+    configured = settings.current().cache_dir
+    if configured is not None:
+        return Path(configured) / "reference-stats"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytest-diffeval" / "reference-stats"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, preprocessing: str, reference: Any,
+                         device: str, batch_size: int = 64) -> dict[str, Any]:
+    """Fill ``metric``'s real-feature state from ``reference`` (an ImageSet, a folder of images
+    or a ``.safetensors`` statistics file), caching folder and ImageSet statistics on disk
+    keyed by backbone, feature size, preprocessing, torchmetrics version and content."""
+    if isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".safetensors"):
+        path = Path(reference)
+        if not path.is_file():
+            raise ReferenceSetError(f"pytest-diffeval: reference statistics file {path} does not exist")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            stored = (handle.metadata() or {}).get("feature_id")
+        if stored != feature_id:
+            raise ReferenceSetError(
+                f"pytest-diffeval: reference statistics {path} were computed with features {stored!r}, "
+                f"this check uses {feature_id!r}; fix: recompute them with the same backbone"
+            )
+        tensors = load_file(str(path))
+        source = {"kind": "statistics", "path": str(path)}
+    else:
+        if hasattr(reference, "images") and hasattr(reference, "sample_keys"):
+            content = hashlib.sha256(reference.images.tobytes()).hexdigest()[:16]
+            arrays: Any = iter(reference.images)
+            source = {"kind": "imageset", "n": len(reference)}
+        else:
+            folder = Path(reference)
+            if not folder.is_dir():
+                raise ReferenceSetError(f"pytest-diffeval: reference {folder} is neither a folder of images nor a .safetensors statistics file")
+            content = _folder_fingerprint(folder)
+            arrays = _load_folder(folder)
+            source = {"kind": "folder", "path": str(folder)}
+        key = json.dumps([feature_id, metric.real_features_sum.shape[0], preprocessing, torchmetrics.__version__, content])
+        path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+        try:
+            tensors = load_file(str(path)) if path.is_file() else None
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
+            tensors = None
+        source["cached"] = tensors is not None
+        if tensors is None:
+            _update_from_arrays(metric, arrays, True, device, batch_size)
+            tensors = {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS}
+            _atomic_save(tensors, path, {"feature_id": feature_id, "preprocessing": preprocessing,
+                                         "torchmetrics": torchmetrics.__version__})
+    for name in STAT_KEYS:
+        setattr(metric, name, tensors[name].to(device=getattr(metric, name).device, dtype=getattr(metric, name).dtype))
+    source["n"] = int(tensors["real_features_num_samples"])
+    return source
+
+
+class FID(Metric):
+    """Fréchet distance between feature Gaussians of the generated and a reference set,
+    computed by torchmetrics in float64.  Default tolerance: 10% of the baseline's value."""
+
+    name = "fid"
+    higher_is_better = False
+    per_sample = False
+    relative_tolerance = 0.10
+
+    def compute(self, images: Any, *, reference: Any, features: Any = None, device: str | None = None,
+                batch_size: int = 64) -> MetricResult:
+        device = device or settings.resolved_device()
+        features = features or settings.current().fid_features
+        metric, feature_id, preprocessing = _feature_extractor(features, device)
+        metric = metric.to(device).set_dtype(torch.float64)
+        num_features = int(metric.real_features_sum.shape[0])
+        source = reference_statistics(metric, feature_id, preprocessing, reference, device, batch_size)
+        _update_from_arrays(metric, iter(images.images), False, device, batch_size)
+        value = float(metric.compute())
+        if -1e-3 < value < 0:  # float error on (near-)identical sets
+            value = 0.0
+        details = {"n": len(images), "n_reference": source["n"], "num_features": num_features,
+                   "preprocessing": preprocessing, "reference": source}
+        small = min(len(images), source["n"]) <= num_features
+        if small:
+            details["warning"] = (
+                f"FID on {min(len(images), source['n'])} images with {num_features}-d features is biased upward "
+                "(the covariance has rank < its dimension); compare FIDs only at equal N, or use KID or CMMD for small sets"
+            )
+            warnings.warn("pytest-diffeval: " + details["warning"], UserWarning, stacklevel=3)
+        return MetricResult(self.name, value, feature_id, False, details=details)

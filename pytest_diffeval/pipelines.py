@@ -1,0 +1,247 @@
+"""Loading diffusers pipelines: where a model comes from, how it is identified, and a
+per-process cache so that many tests using one model load it once per worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PipelineNotFoundError(FileNotFoundError):
+    """A model source could not be found locally nor in the Hugging Face cache/hub."""
+
+
+def _known_pipeline_classes() -> dict[str, type]:
+    """Pipeline classes shipped by this package, looked up by the name in model_index.json
+    (diffusers itself would otherwise try to load them as remote code)."""
+    from .pixel_pipeline import PixelTextToImagePipeline
+
+    return {"PixelTextToImagePipeline": PixelTextToImagePipeline}
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
+    """Return ``(kind, path)``: ``("embedded", path)`` for a name like ``diffeval/tiny-t2i``,
+    ``("local", path)`` for an existing directory, ``("hub", None)`` otherwise."""
+    from .embedded import resolve_embedded
+
+    text = os.fspath(source)
+    embedded = resolve_embedded(text)
+    if embedded is not None:
+        return "embedded", embedded
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return "local", path.resolve()
+    return "hub", None
+
+
+def model_fingerprint(path: Path) -> str:
+    """A content hash of a model directory (file names and bytes), so a changed weight
+    file changes the identity even when the name does not.  Files that are symlinks into
+    the Hugging Face cache are identified by their blob name, which is already a hash."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        digest.update(rel.encode())
+        if file.is_symlink() and "blobs" in Path(os.readlink(file)).parts:
+            digest.update(Path(os.readlink(file)).name.encode())
+            continue
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _missing_model_error(source: str, exc: BaseException) -> PipelineNotFoundError:
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    return PipelineNotFoundError(
+        f"pytest-diffeval: cannot load the diffusion model {source!r}.\n"
+        f"  looked for a local directory: {Path(source).expanduser().resolve()} (not found)\n"
+        f"  looked in the Hugging Face cache {HF_HUB_CACHE} and the hub "
+        f"(HF_HUB_OFFLINE={int(bool(HF_HUB_OFFLINE))}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+        "  fix: pass the path of a local copy in diffusers layout (a folder with model_index.json), "
+        "e.g. one made by `huggingface-cli download <id> --local-dir DIR` on a machine with access, "
+        "or set HF_HOME to a cache that holds it; embedded offline models: 'diffeval/tiny-t2i'."
+    )
+
+
+def _not_diffusers_layout(path: Path) -> PipelineNotFoundError:
+    return PipelineNotFoundError(
+        f"pytest-diffeval: {path} is a directory but not a diffusers pipeline: it has no "
+        "model_index.json. Fix: point at the folder that holds model_index.json (one made by "
+        "`pipeline.save_pretrained(DIR)`), not at a single component or weights file."
+    )
+
+
+def _pipeline_class(path: Path | None, pipeline_class: type | str | None) -> type:
+    import diffusers
+
+    if isinstance(pipeline_class, type):
+        return pipeline_class
+    known = _known_pipeline_classes()
+    name = pipeline_class
+    if name is None and path is not None:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    if name in known:
+        return known[name]
+    if name is not None and hasattr(diffusers, name):
+        return getattr(diffusers, name)
+    return diffusers.DiffusionPipeline
+
+
+def make_scheduler(scheduler: Any, base_config: Any) -> Any:
+    """A scheduler from a class name (``"DPMSolverMultistepScheduler"``), a class or an
+    instance, configured from the pipeline's own scheduler config."""
+    import diffusers
+
+    if isinstance(scheduler, str):
+        if not hasattr(diffusers, scheduler):
+            raise ValueError(f"pytest-diffeval: unknown scheduler {scheduler!r}: not a class in diffusers")
+        scheduler = getattr(diffusers, scheduler)
+    if isinstance(scheduler, type):
+        return scheduler.from_config(base_config)
+    return scheduler
+
+
+def _scheduler_key(scheduler: Any) -> str | None:
+    if scheduler is None or isinstance(scheduler, str):
+        return scheduler
+    if isinstance(scheduler, type):
+        return scheduler.__name__
+    return f"{type(scheduler).__name__}:{json.dumps(dict(scheduler.config), sort_keys=True, default=str)}"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``None``/``"auto"`` means float32 on the CPU and float16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"pytest-diffeval: unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def load_pipeline(
+    source: str | os.PathLike,
+    *,
+    pipeline_class: type | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    scheduler: Any = None,
+    **from_pretrained_kwargs: Any,
+) -> Any:
+    """Load a pipeline with ``from_pretrained`` (safetensors by default), move it to
+    ``device``/``dtype``, put every module in eval mode and attach its provenance."""
+    kind, path = resolve_source(source)
+    if kind != "hub" and not (path / "model_index.json").is_file():
+        raise _not_diffusers_layout(path)
+    torch_dtype = resolve_dtype(dtype, device)
+    cls = _pipeline_class(path, pipeline_class)
+    kwargs = {"use_safetensors": True, **from_pretrained_kwargs}
+    _quiet_progress_bars()
+    location = str(path) if path is not None else os.fspath(source)
+    try:
+        pipe = cls.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
+    except (OSError, EnvironmentError) as exc:
+        if kind == "hub":
+            raise _missing_model_error(os.fspath(source), exc) from exc
+        raise
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe = pipe.to(device)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    revision = from_pretrained_kwargs.get("revision")
+    if kind == "hub":
+        path = _hub_snapshot(os.fspath(source), revision)
+        revision = path.name if path is not None else revision  # the snapshot folder is the commit hash
+    pipe._diffeval_provenance = {
+        "model": os.fspath(source),
+        "model_kind": kind,
+        "model_path": str(path) if path is not None else None,
+        "model_hash": model_fingerprint(path) if path is not None else "unknown",
+        "revision": revision,
+    }
+    return pipe
+
+
+def _quiet_progress_bars() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model that ``from_pretrained`` just loaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - provenance is best effort for exotic sources
+        return None
+
+
+@dataclass(frozen=True)
+class PipelineKey:
+    """Everything that changes a loaded pipeline: two equal keys share one load."""
+
+    source: str
+    pipeline_class: str | None
+    dtype: str
+    device: str
+    scheduler: str | None
+    kwargs: str
+
+
+class PipelineCache:
+    """Loaded pipelines of this process, keyed by :class:`PipelineKey`, with a load counter."""
+
+    def __init__(self) -> None:
+        self._pipes: dict[PipelineKey, Any] = {}
+        self.loads: dict[str, int] = {}
+
+    def get(
+        self,
+        source: str | os.PathLike,
+        *,
+        pipeline_class: type | str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        scheduler: Any = None,
+        **from_pretrained_kwargs: Any,
+    ) -> Any:
+        kind, path = resolve_source(source)
+        key = PipelineKey(
+            source=str(path) if path is not None else os.fspath(source),
+            pipeline_class=pipeline_class if isinstance(pipeline_class, (str, type(None))) else pipeline_class.__qualname__,
+            dtype=str(resolve_dtype(dtype, device)),
+            device=device,
+            scheduler=_scheduler_key(scheduler),
+            kwargs=json.dumps(from_pretrained_kwargs, sort_keys=True, default=repr),
+        )
+        if key not in self._pipes:
+            self._pipes[key] = load_pipeline(
+                source, pipeline_class=pipeline_class, dtype=dtype, device=device,
+                scheduler=scheduler, **from_pretrained_kwargs,
+            )
+            self.loads[key.source] = self.loads.get(key.source, 0) + 1
+        return self._pipes[key]
+
+    def clear(self) -> None:
+        self._pipes.clear()

@@ -1,0 +1,96 @@
+"""Deciding whether a run regressed against its baseline.
+
+Per-sample metrics are compared **paired**: sample ``(prompt, seed)`` of this run with
+the same sample of the baseline.  The effect is the mean paired difference, signed so
+that negative means worse; a one-sided 95% Student-t bound on it is computed.  A run
+*regressed* when even that bound is worse than ``-tolerance``: the drop is larger than
+the tolerance with 95% confidence, so a few noisy samples cannot fail a test, while a
+real drop shared by many samples does.  Set-level metrics (FID) have one number per run
+and compare it with the baseline's directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Comparison:
+    """The outcome of comparing one metric of a run with its baseline."""
+
+    metric: str
+    backbone: str
+    higher_is_better: bool
+    value: float
+    baseline: float
+    tolerance: float
+    effect: float  # mean paired change (or change of the value), + better / - worse
+    interval: tuple[float, float] | None  # two-sided 95% interval of the effect, paired only
+    bound: float  # the one-sided 95% bound the verdict uses (the effect itself if unpaired)
+    n: int
+    method: str  # "paired-t" or "value"
+    verdict: str  # "pass", "regressed" or "improved"
+    moved: list[dict[str, Any]] = field(default_factory=list)  # samples that moved most, worst first
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict != "regressed"
+
+    @property
+    def delta(self) -> float:
+        return self.value - self.baseline
+
+
+def _t_quantile(p: float, df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: dict[str, float],
+                   baseline: dict[str, float], value: float, baseline_value: float, tolerance: float,
+                   top: int = 5) -> Comparison:
+    """Compare per-sample values keyed alike (``"<seed>|<prompt>"``)."""
+    keys = [k for k in baseline if k in current]
+    sign = 1.0 if higher_is_better else -1.0
+    diffs = np.array([sign * (current[k] - baseline[k]) for k in keys], dtype=np.float64)
+    n = len(diffs)
+    effect = float(diffs.mean()) if n else 0.0
+    if n >= 2 and float(diffs.std(ddof=1)) > 0:
+        se = float(diffs.std(ddof=1)) / math.sqrt(n)
+        half = _t_quantile(0.5 + CONFIDENCE / 2, n - 1) * se
+        interval: tuple[float, float] | None = (effect - half, effect + half)
+        one_sided = _t_quantile(CONFIDENCE, n - 1) * se
+        upper, lower = effect + one_sided, effect - one_sided
+    else:
+        interval, upper, lower = ((effect, effect) if n else None), effect, effect
+    if upper < -tolerance:
+        verdict, bound = "regressed", upper
+    elif lower > tolerance:
+        verdict, bound = "improved", lower
+    else:
+        verdict, bound = "pass", upper
+    order = np.argsort(diffs)[:top]
+    moved = [
+        {"key": keys[i], "seed": int(keys[i].split("|", 1)[0]), "prompt": keys[i].split("|", 1)[1],
+         "baseline": baseline[keys[i]], "value": current[keys[i]], "change": float(diffs[i] * sign)}
+        for i in order
+    ]
+    return Comparison(metric, backbone, higher_is_better, value, baseline_value, tolerance, effect, interval,
+                      bound, n, "paired-t", verdict, moved)
+
+
+def compare_values(metric: str, backbone: str, higher_is_better: bool, value: float, baseline_value: float,
+                   tolerance: float) -> Comparison:
+    """Compare a set-level value (FID, KID, ...) with the baseline's."""
+    sign = 1.0 if higher_is_better else -1.0
+    effect = sign * (value - baseline_value)
+    verdict = "regressed" if effect < -tolerance else "improved" if effect > tolerance else "pass"
+    return Comparison(metric, backbone, higher_is_better, value, baseline_value, tolerance, effect, None,
+                      effect, 1, "value", verdict)

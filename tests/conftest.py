@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models built offline once per session, a fake Hugging Face hub
+cache (so hub ids resolve offline through the real hub code) and pytester helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# Nothing in this suite may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random text-to-image pipeline and a tiny random CLIP, in hub layout."""
+    from pytest_diffeval import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "pipe": tiny.build_tiny_text2img(root / "tiny-sd"),
+        "clip": tiny.build_tiny_clip(root / "tiny-clip"),
+    }
+
+
+@pytest.fixture(scope="session")
+def fake_hub(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
+    """A Hugging Face hub cache holding the tiny models as ``diffeval-test/tiny-sd`` and
+    ``openai/tiny-clip-test``: with ``HF_HUB_CACHE`` pointing here and ``HF_HUB_OFFLINE=1``,
+    ``from_pretrained("<hub id>")`` takes the real hub code path and finds them."""
+    cache = tmp_path_factory.mktemp("hub")
+    for repo_id, source in [("diffeval-test/tiny-sd", tiny_models["pipe"]), ("openai/tiny-clip-test", tiny_models["clip"])]:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(source, repo / "snapshots" / FAKE_COMMIT)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(FAKE_COMMIT)
+    return cache
+
+
+@pytest.fixture
+def hub_cache(fake_hub: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the hub code at the fake cache for one test."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(fake_hub))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(fake_hub))
+    return fake_hub
+
+
+@pytest.fixture
+def user_project(pytester: pytest.Pytester, tiny_models: dict[str, Path]) -> pytest.Pytester:
+    """A pytester project whose tests see the tiny models through ``conftest.py`` constants."""
+    pytester.makeconftest(textwrap.dedent(f"""
+        PIPE = {str(tiny_models['pipe'])!r}
+        CLIP = {str(tiny_models['clip'])!r}
+    """))
+    pytester.makeini(textwrap.dedent(f"""
+        [pytest]
+        diffeval_clip_model = {tiny_models['clip']}
+        filterwarnings = ignore::FutureWarning
+    """))
+    return pytester

@@ -1,0 +1,181 @@
+"""Baselines end to end, run the way users run them (pytester, in a subprocess):
+record -> pass -> regress -> fail -> update, missing / corrupt / mismatched baselines,
+and the same under ``-n 2`` with no entry lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+USER_TEST = """
+import pytest
+from conftest import PIPE
+from pytest_diffeval.metrics import register_metric
+
+@register_metric("brightness", higher_is_better=True, absolute_tolerance=1.0)
+def brightness(images):
+    return images.images.reshape(len(images), -1).mean(axis=1)
+
+PROMPTS = ["a red digit 3 on a blue background", "a green circle left of a red square", "a photo of a cat"]
+
+@pytest.mark.parametrize("case", range({cases}))
+def test_alignment(generate, diffeval_baseline, case):
+    images = generate(PIPE, PROMPTS, seeds=range({seeds}), num_inference_steps=2)
+    diffeval_baseline.assert_no_regression(images, "clip_score")
+    diffeval_baseline.assert_no_regression(images, "brightness")
+"""
+
+
+def darken(model: Path, amount: float = 1.0) -> None:
+    """Perturb the pipeline's weights: lower the VAE decoder's output bias, so every image
+    gets darker (a regression with a known direction, whatever the random weights)."""
+    file = model / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(file))
+    tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"] - amount
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.fixture
+def project(user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> pytest.Pytester:
+    """A user project with its own copy of the tiny model (so tests may perturb it)."""
+    model = user_project.path / "model"
+    shutil.copytree(tiny_models["pipe"], model)
+    user_project.makeconftest(textwrap.dedent(f"""
+        PIPE = {str(model)!r}
+    """))
+    return user_project
+
+
+def write_test(project: pytest.Pytester, cases: int = 1, seeds: int = 2) -> None:
+    project.makepyfile(test_user=USER_TEST.format(cases=cases, seeds=seeds))
+
+
+def baseline_files(project: pytest.Pytester) -> list[Path]:
+    return sorted((project.path / "baselines").rglob("*.json"))
+
+
+def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
+    write_test(project)
+    recorded = project.runpytest_subprocess("--snapshot-update")
+    recorded.assert_outcomes(passed=1)
+    [file] = baseline_files(project)
+    assert file == project.path / "baselines" / "test_user" / "test_alignment[0].json"
+    data = json.loads(file.read_text())
+    assert data["test"] == "test_user.py::test_alignment[0]"
+    assert set(data["checks"]) == {"brightness", "clip_score"}
+    clip = data["checks"]["clip_score"]
+    assert len(clip["samples"]) == 6  # 3 prompts x 2 seeds, per sample
+    assert clip["signature"]["seeds"] == [0, 1]
+    assert clip["provenance"]["pipeline_class"] == "StableDiffusionPipeline"
+    assert clip["backbone"].startswith("tiny-clip@")
+
+    project.runpytest_subprocess().assert_outcomes(passed=1)
+
+    darken(project.path / "model")
+    failed = project.runpytest_subprocess()
+    failed.assert_outcomes(failed=1)
+    out = failed.stdout.str()
+    assert "brightness regressed against the baseline" in out
+    assert "one-sided 95% bound" in out and "-tolerance 1.0000" in out
+    assert "samples that moved most" in out and "a photo of a cat" in out
+    assert "pytest --snapshot-update 'test_user.py::test_alignment[0]'" in out
+    images = project.path / "diffeval-results" / "test_user.py__test_alignment[0]"
+    assert f"images of this run: {images}" in out
+    assert (images / "grid.png").is_file() and len(list(images.glob("0*.png"))) == 6
+    assert "diffeval: metric checks" in out and "regressed" in out  # terminal summary row
+
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    updated = json.loads(file.read_text())["checks"]["brightness"]
+    assert updated["value"] < data["checks"]["brightness"]["value"] - 1.0
+    project.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest.Pytester) -> None:
+    write_test(project)
+    result = project.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no baseline for 'clip_score' of this test in *test_alignment[[]0[]].json*",
+                                 "*record it with: pytest --snapshot-update 'test_user.py::test_alignment[[]0[]]'*"])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"format_version": 1, "checks": {"clip_score": ', "not valid JSON"),
+        ("", "not valid JSON"),
+        ('{"format_version": 99, "checks": {}}', "format_version 99 is newer than this pytest-diffeval understands"),
+        ('{"format_version": 1, "checks": {"clip_score": {"metric": "clip_score"}}}', "lacks 'value' or 'signature'"),
+    ],
+    ids=["truncated", "empty", "newer-format", "incomplete-entry"],
+)
+def test_unusable_baseline_is_an_error_and_update_repairs_it(project: pytest.Pytester, content: str, message: str) -> None:
+    write_test(project)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = baseline_files(project)
+    file.write_text(content)
+    result = project.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert message in out and str(file) in out and "re-record it with: pytest --snapshot-update" in out
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_provenance_mismatch_names_the_difference(project: pytest.Pytester) -> None:
+    write_test(project, seeds=2)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    write_test(project, seeds=3)
+    result = project.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "was recorded under other conditions" in out
+    assert "seeds: baseline [0, 1], this run [0, 1, 2]" in out
+    assert "n_samples: baseline 6, this run 9" in out
+
+
+def test_other_backbone_is_a_mismatch_not_a_comparison(project: pytest.Pytester, tmp_path: Path) -> None:
+    from pytest_diffeval import tiny
+
+    write_test(project)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    other = tiny.build_tiny_clip(tmp_path / "other-clip", seed=1)
+    result = project.runpytest_subprocess(f"--diffeval-clip-model={other}")
+    result.assert_outcomes(failed=1)
+    assert "backbone: baseline 'tiny-clip@" in result.stdout.str() and "this run 'other-clip@" in result.stdout.str()
+
+
+def test_unused_baselines_are_reported_and_removed_on_update(project: pytest.Pytester) -> None:
+    write_test(project, cases=2)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    assert len(baseline_files(project)) == 2
+    write_test(project, cases=1)
+    result = project.runpytest_subprocess()
+    assert "unused" in result.stdout.str()
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    assert [f.name for f in baseline_files(project)] == ["test_alignment[0].json"]
+
+
+def test_xdist_records_compares_and_fails_without_losing_entries(project: pytest.Pytester) -> None:
+    cases = 8
+    write_test(project, cases=cases)
+    project.runpytest_subprocess("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
+    files = baseline_files(project)
+    assert len(files) == cases
+    for file in files:
+        assert set(json.loads(file.read_text())["checks"]) == {"brightness", "clip_score"}
+    passed = project.runpytest_subprocess("-n", "2")
+    passed.assert_outcomes(passed=cases)
+    assert passed.stdout.str().count("test_user.py::test_alignment[") >= 2 * cases  # summary rows from workers
+
+    darken(project.path / "model")
+    failed = project.runpytest_subprocess("-n", "2")
+    failed.assert_outcomes(failed=cases)
+    assert failed.stdout.str().count("brightness regressed against the baseline") == cases
+    project.runpytest_subprocess("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
+    project.runpytest_subprocess("-n", "2").assert_outcomes(passed=cases)
+    assert len(baseline_files(project)) == cases

@@ -1,0 +1,85 @@
+"""Deterministic, batched generation and what an ImageSet carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_diffeval.generation import ImageSet, generate_images
+from pytest_diffeval.pipelines import PipelineCache
+
+PROMPTS = ["a red digit 3 on a blue background", "a green circle", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: dict[str, Path]):
+    return PipelineCache().get(tiny_models["pipe"])
+
+
+def test_one_image_per_prompt_and_seed_prompt_major(pipe) -> None:
+    images = generate_images(pipe, PROMPTS, seeds=[5, 7], batch_size=4, num_inference_steps=2)
+    assert images.images.shape == (6, 32, 32, 3) and images.images.dtype == np.uint8
+    assert images.prompts == [p for p in PROMPTS for _ in range(2)]
+    assert images.seeds == [5, 7] * 3
+    assert images.sample_keys[1] == f"7|{PROMPTS[0]}"
+    assert images.call_kwargs == {"num_inference_steps": 2}
+    assert images.nonfinite == [False] * 6
+
+
+def test_same_seeds_give_identical_images_and_other_seeds_do_not(pipe) -> None:
+    a = generate_images(pipe, PROMPTS, seeds=range(2), num_inference_steps=2)
+    b = generate_images(pipe, PROMPTS, seeds=range(2), num_inference_steps=2)
+    c = generate_images(pipe, PROMPTS, seeds=range(2, 4), num_inference_steps=2)
+    assert np.array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_an_image_does_not_depend_on_its_batch(pipe) -> None:
+    batched = generate_images(pipe, PROMPTS, seeds=range(2), batch_size=6, num_inference_steps=2)
+    single = generate_images(pipe, PROMPTS, seeds=range(2), batch_size=1, num_inference_steps=2)
+    # Batched matrix products round differently (~1e-6): at most a few uint8 levels.
+    assert np.abs(batched.images.astype(int) - single.images.astype(int)).max() <= 2
+    alone = generate_images(pipe, [PROMPTS[2]], seeds=[1], num_inference_steps=2)
+    assert np.abs(alone.images[0].astype(int) - batched.images[5].astype(int)).max() <= 2
+
+
+def test_provenance_records_model_scheduler_dtype_device_versions(pipe, tiny_models: dict[str, Path]) -> None:
+    provenance = generate_images(pipe, PROMPTS[:1], num_inference_steps=2).provenance
+    assert provenance["model"] == str(tiny_models["pipe"]) and len(provenance["model_hash"]) == 16
+    assert provenance["pipeline_class"] == "StableDiffusionPipeline"
+    assert provenance["scheduler"] == "DDIMScheduler" and provenance["scheduler_config"]["beta_schedule"] == "scaled_linear"
+    assert provenance["dtype"] == "torch.float32" and provenance["device_kind"] == "cpu"
+    assert {"torch", "diffusers", "transformers", "torchmetrics", "pytest_diffeval"} <= set(provenance["versions"])
+
+
+def test_save_writes_pngs_grid_and_index(pipe, tmp_path: Path) -> None:
+    images = generate_images(pipe, PROMPTS, seeds=range(2), num_inference_steps=2)
+    folder = images.save(tmp_path / "out")
+    index = json.loads((folder / "samples.json").read_text())
+    assert [s["prompt"] for s in index["samples"]] == images.prompts
+    from PIL import Image
+
+    first = np.asarray(Image.open(folder / index["samples"][0]["file"]))
+    assert np.array_equal(first, images.images[0])
+    assert Image.open(folder / "grid.png").size[0] > 32
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompts": []}, "empty prompt list"),
+    ({"prompts": ["x"], "seeds": []}, "empty seed list"),
+    ({"prompts": ["x"], "batch_size": 0}, "batch_size must be >= 1"),
+])
+def test_bad_arguments_are_clear_errors(pipe, kwargs: dict, message: str) -> None:
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        generate_images(pipe, prompts, **kwargs)
+
+
+def test_imageset_validates_its_shape() -> None:
+    with pytest.raises(ValueError, match="uint8 images"):
+        ImageSet(images=np.zeros((1, 4, 4, 3), dtype=np.float32), prompts=["a"], seeds=[0])
+    with pytest.raises(ValueError, match="must match"):
+        ImageSet(images=np.zeros((2, 4, 4, 3), dtype=np.uint8), prompts=["a"], seeds=[0])

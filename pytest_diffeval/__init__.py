@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "assert_clip_score_at_least": "assertions",
     "assert_fid_below": "assertions",
+    "assert_metric": "assertions",
     "BaselineError": "baselines",
     "DiffevalBaseline": "baselines",
     "ImageSet": "generation",

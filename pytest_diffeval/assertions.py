@@ -75,22 +75,43 @@ def _worst(per_prompt: dict[str, float], higher_is_better: bool, top: int = 5) -
     return "\n".join(f"    {value:8.3f}  {prompt!r}" for prompt, value in ordered)
 
 
+def assert_metric(images: Any, metric: str, *, at_least: float | None = None, at_most: float | None = None,
+                  per_prompt: bool = False, **options: Any) -> MetricResult:
+    """Fail unless the registered ``metric`` lies within ``[at_least, at_most]``: its value, or
+    with ``per_prompt=True`` the mean over seeds of every prompt (per-sample metrics)."""
+    __tracebackhide__ = True
+    if at_least is None and at_most is None:
+        raise ValueError("assert_metric needs at_least= and/or at_most=")
+    result = compute_metric(metric, images, **options)
+
+    def ok(value: float) -> bool:
+        return (at_least is None or value >= at_least) and (at_most is None or value <= at_most)
+
+    bound = " and ".join(b for b in [f">= {at_least}" if at_least is not None else "",
+                                      f"<= {at_most}" if at_most is not None else ""] if b)
+    if per_prompt and result.per_sample is None:
+        raise ValueError(f"per_prompt=True needs a per-sample metric; {metric!r} gives one value per set")
+    prompts = _per_prompt(images, result.per_sample) if result.per_sample is not None else {}
+    failing = {p: v for p, v in prompts.items() if not ok(v)} if per_prompt else {}
+    passed = not failing if per_prompt else ok(result.value)
+    threshold = at_least if at_least is not None else at_most
+    record_check(current_test_id(images), result, images, verdict="pass" if passed else "out of bounds",
+                 threshold=threshold)
+    if not passed:
+        scope = f"{len(failing)} of {len(prompts)} prompts are outside" if per_prompt else "outside"
+        worst = f"\n  worst prompts (mean over seeds):\n{_worst(prompts, at_least is not None)}" if prompts else ""
+        fail(images, f"{metric} {result.value:.4g} over {len(images)} images ({result.backbone}): {scope} "
+                     f"the bound {bound}.{worst}")
+    return result
+
+
 def assert_clip_score_at_least(images: Any, min_score: float, *, per_prompt: bool = False,
                                clip_model: str | None = None, **options: Any) -> MetricResult:
     """Fail unless the CLIP score (torchmetrics, 0-100) is at least ``min_score``: the mean
     over all images, or with ``per_prompt=True`` the mean over seeds of every prompt."""
     __tracebackhide__ = True
-    result = compute_metric("clip_score", images, clip_model=clip_model, **options)
-    prompts = _per_prompt(images, result.per_sample)
-    failing = {p: v for p, v in prompts.items() if v < min_score} if per_prompt else {}
-    passed = not failing if per_prompt else result.value >= min_score
-    test_id = current_test_id(images)
-    record_check(test_id, result, images, verdict="pass" if passed else "below threshold", threshold=min_score)
-    if not passed:
-        scope = f"{len(failing)} of {len(prompts)} prompts score below" if per_prompt else "the mean is below"
-        fail(images, f"clip_score {result.value:.3f} over {len(images)} images ({result.backbone}): {scope} "
-                     f"the threshold {min_score}.\n  worst prompts (mean over seeds):\n{_worst(prompts, True)}")
-    return result
+    return assert_metric(images, "clip_score", at_least=min_score, per_prompt=per_prompt, clip_model=clip_model,
+                         **options)
 
 
 def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: Any = None,

@@ -153,7 +153,7 @@ def load_pipeline(
     location = str(path) if path is not None else os.fspath(source)
     try:
         pipe = cls.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
-    except (OSError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:  # huggingface_hub's id validation raises ValueError
         if kind == "hub":
             raise _missing_model_error(os.fspath(source), exc) from exc
         raise

@@ -138,3 +138,34 @@ def test_unexpected_metric_failure_names_the_metric() -> None:
 
     with pytest.raises(RuntimeError, match="metric 'explodes' failed: ZeroDivisionError: boom"):
         compute_metric("explodes", random_images(2, 0))
+
+
+def test_cmmd_matches_an_independent_rbf_mmd_and_grows_with_a_shift(tiny_models: dict[str, Path]) -> None:
+    from scipy.spatial.distance import cdist
+
+    from pytest_diffeval.metrics.distribution import mmd_rbf
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 8)), rng.normal(size=(25, 8)) + 0.5
+    gamma = 1 / (2 * 10.0**2)
+    k = lambda a, b: np.exp(-gamma * cdist(a, b, "sqeuclidean")).mean()  # noqa: E731
+    assert mmd_rbf(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(1000 * (k(x, x) + k(y, y) - 2 * k(x, y)))
+
+    clip = str(tiny_models["clip"])
+    base = random_images(40, 10)
+    values = [compute_metric("cmmd", random_images(40, 11, shift=s), reference=base, clip_model=clip).value
+              for s in (0, 30, 60)]
+    assert compute_metric("cmmd", base, reference=base, clip_model=clip).value == pytest.approx(0, abs=1e-9)
+    assert values[0] < values[1] < values[2]
+
+
+def test_kid_is_seeded_adapts_its_subset_and_is_near_zero_within_a_distribution(tiny_models: dict[str, Path]) -> None:
+    features = f"clip:{tiny_models['clip']}"
+    base, same_dist, shifted = random_images(48, 12), random_images(40, 13), random_images(40, 13, shift=60)
+    first = compute_metric("kid", same_dist, reference=base, features=features)
+    again = compute_metric("kid", same_dist, reference=base, features=features)
+    assert first.value == again.value  # seeded subsets: same images, same number
+    assert first.details["subset_size"] == 20
+    assert abs(first.value) < 3 * first.details["std"] + 1e-6
+    far = compute_metric("kid", shifted, reference=base, features=features)
+    assert far.value > first.value + 3 * first.details["std"]

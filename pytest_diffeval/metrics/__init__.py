@@ -78,6 +78,8 @@ _REGISTRY: dict[str, Metric] = {}
 _BUILTINS: dict[str, tuple[str, str]] = {
     "clip_score": ("clip", "ClipScore"),
     "fid": ("fid", "FID"),
+    "kid": ("distribution", "KID"),
+    "cmmd": ("distribution", "CMMD"),
 }
 
 

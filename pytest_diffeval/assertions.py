@@ -3,6 +3,7 @@ kept for reports and the failure that says what was measured and where the image
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -47,6 +48,10 @@ def record_check(test_id: str, result: MetricResult, images: Any, *, verdict: st
         "delta": comparison.delta if comparison is not None else None,
         "baseline_file": baseline_file,
         "per_sample": None if result.per_sample is None else [float(v) for v in result.per_sample],
+        # For reports (metrics.json, HTML): sample i's prompt and seed, and the model's provenance.
+        "prompts": [str(p) for p in getattr(images, "prompts", None) or []] or None,
+        "seeds": [int(s) for s in getattr(images, "seeds", None) or []] or None,
+        "provenance": json.loads(json.dumps(getattr(images, "provenance", None) or {}, default=str)) or None,
         "details": {k: v for k, v in result.details.items() if isinstance(v, (str, int, float, bool, list))},
     }
     if verdict not in {"pass", "improved", "recorded"} or settings.current().results_always:
@@ -76,12 +81,16 @@ def _worst(per_prompt: dict[str, float], higher_is_better: bool, top: int = 5) -
 
 
 def assert_metric(images: Any, metric: str, *, at_least: float | None = None, at_most: float | None = None,
-                  per_prompt: bool = False, **options: Any) -> MetricResult:
+                  per_prompt: bool = False, tripwires: bool = True, **options: Any) -> MetricResult:
     """Fail unless the registered ``metric`` lies within ``[at_least, at_most]``: its value, or
     with ``per_prompt=True`` the mean over seeds of every prompt (per-sample metrics)."""
     __tracebackhide__ = True
     if at_least is None and at_most is None:
         raise ValueError("assert_metric needs at_least= and/or at_most=")
+    if tripwires:
+        from . import tripwires as wires
+
+        wires.check(images)
     result = compute_metric(metric, images, **options)
 
     def ok(value: float) -> bool:
@@ -114,11 +123,15 @@ def assert_clip_score_at_least(images: Any, min_score: float, *, per_prompt: boo
                          **options)
 
 
-def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: Any = None,
+def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: Any = None, tripwires: bool = True,
                      **options: Any) -> MetricResult:
     """Fail unless FID (torchmetrics) between ``images`` and ``reference`` (an ImageSet, a
     folder of images or a ``.safetensors`` statistics file) is below ``max_fid``."""
     __tracebackhide__ = True
+    if tripwires:
+        from . import tripwires as wires
+
+        wires.check(images)
     result = compute_metric("fid", images, reference=reference, features=features, **options)
     passed = result.value < max_fid
     record_check(current_test_id(images), result, images, verdict="pass" if passed else "above threshold",
@@ -128,3 +141,27 @@ def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: A
         fail(images, f"fid {result.value:.4f} ({result.backbone}) between {len(images)} images and "
                      f"{result.details['n_reference']} reference images is not below {max_fid}.{note}")
     return result
+
+
+def assert_clip_directional_similarity_at_least(images: Any, min_value: float, *, source_images: Any,
+                                                source_captions: Any, target_captions: Any, per_prompt: bool = False,
+                                                clip_model: str | None = None, **options: Any) -> MetricResult:
+    """Fail unless the CLIP directional similarity of the edited ``images`` (cosine, -1..1,
+    between the image change from ``source_images`` and the caption change from
+    ``source_captions`` to ``target_captions``) is at least ``min_value``: the mean over
+    all images, or with ``per_prompt=True`` the mean over seeds of every prompt."""
+    __tracebackhide__ = True
+    return assert_metric(images, "clip_directional_similarity", at_least=min_value, per_prompt=per_prompt,
+                         source_images=source_images, source_captions=source_captions,
+                         target_captions=target_captions, clip_model=clip_model, **options)
+
+
+def assert_clip_image_similarity_at_least(images: Any, min_value: float, *, reference_images: Any,
+                                          per_prompt: bool = False, clip_model: str | None = None,
+                                          **options: Any) -> MetricResult:
+    """Fail unless the CLIP image similarity (``100 * cos``, torchmetrics' image-to-image
+    CLIPScore) between ``images`` and ``reference_images`` (the edit's source, or an
+    exemplar; one per image or one for all) is at least ``min_value``."""
+    __tracebackhide__ = True
+    return assert_metric(images, "clip_image_similarity", at_least=min_value, per_prompt=per_prompt,
+                         reference_images=reference_images, clip_model=clip_model, **options)

@@ -27,6 +27,7 @@ from .metrics import MetricResult, compute_metric, get_metric
 from .verdicts import Comparison, compare_paired, compare_values
 
 FORMAT_VERSION = 1
+SPREAD_FACTOR = 2.0
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -68,6 +69,7 @@ def build_record(result: MetricResult, images: Any, options: dict[str, Any]) -> 
         "higher_is_better": result.higher_is_better,
         "value": result.value,
         "signature": signature(result, images, options),
+        "details": {k: v for k, v in result.details.items() if isinstance(v, (int, float, str, bool))},
         "provenance": images.provenance,
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -251,6 +253,11 @@ def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
         return differences
     metric = get_metric(record["metric"])
     tol = metric.default_tolerance(float(stored["value"])) if tolerance is None else float(tolerance)
+    spread = stored.get("details", {}).get("spread")
+    if tolerance is None and spread is not None:
+        # Set-level metrics: twice the baseline's resampling spread (about 95% of the
+        # movement other images of the same model would cause), at least the metric's floor.
+        tol = max(tol, SPREAD_FACTOR * float(spread))
     if "samples" in stored and "samples" in record:
         return compare_paired(record["metric"], record["backbone"], record["higher_is_better"],
                               per_sample_map(record), per_sample_map(stored), record["value"],
@@ -274,13 +281,35 @@ class DiffevalBaseline:
     def path(self) -> Path:
         return Path(self._snapshot.extension.get_location(test_location=self._snapshot.test_location, index=0))
 
-    def assert_no_regression(self, images: Any, metric: str, *, tolerance: float | None = None,
-                             **metric_options: Any) -> Comparison | None:
-        """Measure ``metric`` on ``images`` and fail if it regressed against the stored
-        baseline by more than ``tolerance`` (default: the metric's, see README)."""
-        from .assertions import fail, record_check
-
+    def assert_no_regression(self, images: Any, metric: str | list[str] | tuple[str, ...], *,
+                             tolerance: float | None = None, tripwires: bool = True, **metric_options: Any) -> Any:
+        """Measure ``metric`` (or each of a list of metrics) on ``images`` and fail if it
+        regressed against the stored baseline by more than ``tolerance`` (default: the
+        metric's, see README "Statistics").  With a list every metric is checked before
+        the test fails, and the failure lists each one that regressed."""
         __tracebackhide__ = True
+        from . import tripwires as wires
+        from .assertions import fail
+
+        if tripwires:
+            wires.check(images)
+        metrics = [metric] if isinstance(metric, str) else list(metric)
+        outcomes, failures, error = [], [], AssertionError
+        for name in metrics:
+            outcome, message, error_class = self._check(images, name, tolerance, metric_options)
+            outcomes.append(outcome)
+            if message:
+                failures.append(message)
+                error = error_class if error is AssertionError else error
+        if failures:
+            fail(images, ("\n" + "-" * 60 + "\n").join(failures), error=error)
+        return outcomes[0] if isinstance(metric, str) else outcomes
+
+    def _check(self, images: Any, metric: str, tolerance: float | None,
+               metric_options: dict[str, Any]) -> tuple[Any, str | None, type[Exception]]:
+        """Compare one metric; return ``(comparison or None, failure message or None, error class)``."""
+        from .assertions import record_check
+
         if not _METRIC_NAME.match(metric):
             raise ValueError(f"pytest-diffeval: metric name {metric!r} may only hold letters, digits, '_', '.', '-'")
         result = compute_metric(metric, images, **metric_options)
@@ -294,31 +323,32 @@ class DiffevalBaseline:
         matched = assertion == record
         outcome = extension.last_outcome
         location = self.path
+        comparison = outcome if isinstance(outcome, Comparison) else None
         if updating:
-            verdict = "pass" if matched else "recorded"
-            record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location),
-                         comparison=outcome if isinstance(outcome, Comparison) else None)
-            return outcome if isinstance(outcome, Comparison) else None
+            record_check(self.test_id, result, images, verdict="pass" if matched else "recorded",
+                         baseline_file=str(location), comparison=comparison)
+            return comparison, None, AssertionError
         rerun = f"pytest --snapshot-update {_node_for_cli(self.test_id)}"
         if outcome is None:
-            record_check(self.test_id, result, images, verdict="missing baseline", baseline_file=str(location))
-            fail(images, f"no baseline for {metric!r} of this test in {location}.\n"
-                         f"  measured {metric} = {result.value:.4f} ({result.backbone})\n"
-                         f"  record it with: {rerun}", error=BaselineError)
-        if isinstance(outcome, Corrupt):
-            record_check(self.test_id, result, images, verdict="corrupt baseline", baseline_file=str(location))
-            fail(images, f"baseline {outcome.path or location} cannot be used: {outcome.reason}.\n"
-                         f"  fix: restore it from version control, or re-record it with: {rerun}", error=BaselineError)
-        if isinstance(outcome, list):
-            record_check(self.test_id, result, images, verdict="baseline mismatch", baseline_file=str(location))
-            fail(images, f"baseline {location} for {metric!r} was recorded under other conditions, so the "
-                         "numbers are not comparable:\n    " + "\n    ".join(outcome) +
-                         f"\n  fix: if the change is intended, re-record with: {rerun}", error=BaselineError)
-        record_check(self.test_id, result, images, verdict=outcome.verdict, baseline_file=str(location),
-                     comparison=outcome)
-        if not outcome.passed:
-            fail(images, regression_message(outcome, location, rerun))
-        return outcome
+            verdict, message = "missing baseline", (
+                f"no baseline for {metric!r} of this test in {location}.\n"
+                f"  measured {metric} = {result.value:.4f} ({result.backbone})\n"
+                f"  record it with: {rerun}")
+        elif isinstance(outcome, Corrupt):
+            verdict, message = "corrupt baseline", (
+                f"baseline {outcome.path or location} cannot be used: {outcome.reason}.\n"
+                f"  fix: restore it from version control, or re-record it with: {rerun}")
+        elif isinstance(outcome, list):
+            verdict, message = "baseline mismatch", (
+                f"baseline {location} for {metric!r} was recorded under other conditions, so the "
+                "numbers are not comparable:\n    " + "\n    ".join(outcome) +
+                f"\n  fix: if the change is intended, re-record with: {rerun}")
+        else:
+            record_check(self.test_id, result, images, verdict=outcome.verdict, baseline_file=str(location),
+                         comparison=outcome)
+            return outcome, (None if outcome.passed else regression_message(outcome, location, rerun)), AssertionError
+        record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location))
+        return None, message, BaselineError
 
 
 def _node_for_cli(test_id: str) -> str:

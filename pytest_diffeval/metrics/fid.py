@@ -167,6 +167,28 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
     return source
 
 
+BOOTSTRAP_MAX_FEATURES = 256  # above this each resample costs a large eigendecomposition
+BOOTSTRAP_RESAMPLES = 20
+
+
+def bootstrap_spread(metric: FrechetInceptionDistance, fake: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> float:
+    """Std of FID when the generated set is resampled with replacement (seeded): how much
+    the number moves with other images of the same model.  Baselines derive the
+    tolerance of set-level metrics from it."""
+    from torchmetrics.image.fid import _compute_fid
+
+    n = metric.real_features_num_samples.cpu().double()
+    mean_real = metric.real_features_sum.cpu().double() / n
+    cov_real = (metric.real_features_cov_sum.cpu().double() - n * torch.outer(mean_real, mean_real)) / (n - 1)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        sample = fake[torch.randint(len(fake), (len(fake),), generator=generator)]
+        values.append(float(_compute_fid(mean_real, cov_real, sample.mean(0), torch.cov(sample.T))))
+    return float(np.std(values, ddof=1))
+
+
 class FID(Metric):
     """Fréchet distance between feature Gaussians of the generated and a reference set,
     computed by torchmetrics in float64.  Default tolerance: 10% of the baseline's value."""
@@ -184,12 +206,19 @@ class FID(Metric):
         metric = metric.to(device).set_dtype(torch.float64)
         num_features = int(metric.real_features_sum.shape[0])
         source = reference_statistics(metric, feature_id, preprocessing, reference, device, batch_size)
-        _update_from_arrays(metric, iter(images.images), False, device, batch_size)
+        captured: list[torch.Tensor] = []
+        hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
+        try:
+            _update_from_arrays(metric, iter(images.images), False, device, batch_size)
+        finally:
+            hook.remove()
         value = float(metric.compute())
         if -1e-3 < value < 0:  # float error on (near-)identical sets
             value = 0.0
         details = {"n": len(images), "n_reference": source["n"], "num_features": num_features,
                    "preprocessing": preprocessing, "reference": source}
+        if num_features <= BOOTSTRAP_MAX_FEATURES:
+            details["spread"] = bootstrap_spread(metric, torch.cat(captured))
         small = min(len(images), source["n"]) <= num_features
         if small:
             details["warning"] = (

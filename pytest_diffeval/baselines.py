@@ -216,7 +216,10 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         for snapshot in snapshot_collection:
             record = dict(snapshot.data)
             data["test"] = record.pop("_test", data.get("test"))
-            data["checks"][record["metric"]] = record
+            check = data["checks"].get(record["metric"])
+            entries = hardware_entries(check) if isinstance(check, dict) else {}
+            entries[hardware_key(record.get("provenance", {}))] = record
+            data["checks"][record["metric"]] = {"hardware": dict(sorted(entries.items()))}
         data["checks"] = dict(sorted(data["checks"].items()))
         _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -242,10 +245,55 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         return isinstance(outcome, Comparison) and outcome.passed
 
 
+def hardware_key(provenance: dict[str, Any]) -> str:
+    """``"cpu/float32"`` or ``"cuda/<GPU name> (sm90)/float16"``: baselines keep one entry per
+    hardware, because numbers are not bit-identical across devices and dtypes."""
+    device_type = str(provenance.get("device") or "cpu").split(":")[0]
+    kind = provenance.get("device_kind") or device_type
+    dtype = str(provenance.get("dtype") or "unknown").replace("torch.", "")
+    return "/".join([device_type] + ([kind] if kind != device_type else []) + [dtype])
+
+
+def hardware_entries(check: dict[str, Any]) -> dict[str, Any]:
+    if "hardware" in check and isinstance(check["hardware"], dict):
+        return dict(check["hardware"])
+    return {hardware_key(check.get("provenance", {})): check} if "value" in check else {}
+
+
+def select_entry(check: dict[str, Any], key: str) -> tuple[str | None, Any]:
+    """The stored entry that best matches this run's hardware, like diffusers'
+    ``Expectations``: the same device and dtype; else the same device type and dtype
+    (another GPU model); else the same device type.  A CPU run never uses a GPU entry."""
+    entries = hardware_entries(check)
+    if key in entries:
+        return key, entries[key]
+    device_type, dtype = key.split("/")[0], key.split("/")[-1]
+    for wanted in (lambda k: k.split("/")[0] == device_type and k.split("/")[-1] == dtype,
+                   lambda k: k.split("/")[0] == device_type):
+        matches = sorted(k for k in entries if wanted(k))
+        if matches:
+            return matches[0], entries[matches[0]]
+    return None, None
+
+
+@dataclass
+class NoEntry:
+    """The baseline file has the metric, but for other hardware only."""
+
+    key: str
+    available: list[str]
+
+
 def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
-    """A :class:`Comparison`, or a :class:`Corrupt` / list of signature differences."""
+    """A :class:`Comparison`, or a :class:`Corrupt` / :class:`NoEntry` / list of signature differences."""
     if isinstance(stored, Corrupt):
         return stored
+    if isinstance(stored, dict):
+        key = hardware_key(record.get("provenance", {}))
+        chosen, entry = select_entry(stored, key)
+        if chosen is None:
+            return NoEntry(key, sorted(hardware_entries(stored)))
+        stored = entry
     if not isinstance(stored, dict) or "value" not in stored or "signature" not in stored:
         return Corrupt("", f"the entry for {record['metric']!r} lacks 'value' or 'signature'")
     differences = signature_differences(stored["signature"], record["signature"])
@@ -329,9 +377,11 @@ class DiffevalBaseline:
                          baseline_file=str(location), comparison=comparison)
             return comparison, None, AssertionError
         rerun = f"pytest --snapshot-update {_node_for_cli(self.test_id)}"
-        if outcome is None:
+        if outcome is None or isinstance(outcome, NoEntry):
+            hardware = (f" on this hardware ({outcome.key}; stored for: {', '.join(outcome.available)})"
+                        if isinstance(outcome, NoEntry) else "")
             verdict, message = "missing baseline", (
-                f"no baseline for {metric!r} of this test in {location}.\n"
+                f"no baseline for {metric!r} of this test{hardware} in {location}.\n"
                 f"  measured {metric} = {result.value:.4f} ({result.backbone})\n"
                 f"  record it with: {rerun}")
         elif isinstance(outcome, Corrupt):

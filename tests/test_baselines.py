@@ -68,7 +68,7 @@ def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     data = json.loads(file.read_text())
     assert data["test"] == "test_user.py::test_alignment[0]"
     assert set(data["checks"]) == {"brightness", "clip_score"}
-    clip = data["checks"]["clip_score"]
+    clip = data["checks"]["clip_score"]["hardware"]["cpu/float32"]
     assert len(clip["samples"]) == 6  # 3 prompts x 2 seeds, per sample
     assert clip["signature"]["seeds"] == [0, 1]
     assert clip["provenance"]["pipeline_class"] == "StableDiffusionPipeline"
@@ -90,8 +90,8 @@ def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     assert "diffeval: metric checks" in out and "regressed" in out  # terminal summary row
 
     project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
-    updated = json.loads(file.read_text())["checks"]["brightness"]
-    assert updated["value"] < data["checks"]["brightness"]["value"] - 1.0
+    updated = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]
+    assert updated["value"] < data["checks"]["brightness"]["hardware"]["cpu/float32"]["value"] - 1.0
     project.runpytest_subprocess().assert_outcomes(passed=1)
 
 
@@ -109,7 +109,8 @@ def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest
         ('{"format_version": 1, "checks": {"clip_score": ', "not valid JSON"),
         ("", "not valid JSON"),
         ('{"format_version": 99, "checks": {}}', "format_version 99 is newer than this pytest-diffeval understands"),
-        ('{"format_version": 1, "checks": {"clip_score": {"metric": "clip_score"}}}', "lacks 'value' or 'signature'"),
+        ('{"format_version": 1, "checks": {"clip_score": {"hardware": {"cpu/float32": {"metric": "clip_score"}}}}}',
+         "lacks 'value' or 'signature'"),
     ],
     ids=["truncated", "empty", "newer-format", "incomplete-entry"],
 )
@@ -179,3 +180,38 @@ def test_xdist_records_compares_and_fails_without_losing_entries(project: pytest
     project.runpytest_subprocess("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
     project.runpytest_subprocess("-n", "2").assert_outcomes(passed=cases)
     assert len(baseline_files(project)) == cases
+
+
+GPU_KEY = "cuda/NVIDIA H100 80GB HBM3 (sm90)/float16"
+
+
+def test_baselines_are_kept_per_hardware(project: pytest.Pytester) -> None:
+    write_test(project)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = baseline_files(project)
+    data = json.loads(file.read_text())
+    for check in data["checks"].values():  # pretend the baseline came from a GPU runner
+        check["hardware"] = {GPU_KEY: check["hardware"]["cpu/float32"]}
+    file.write_text(json.dumps(data))
+    result = project.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    assert f"no baseline for 'clip_score' of this test on this hardware (cpu/float32; stored for: {GPU_KEY})" in result.stdout.str()
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    checks = json.loads(file.read_text())["checks"]
+    assert sorted(checks["clip_score"]["hardware"]) == sorted(["cpu/float32", GPU_KEY])
+    project.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_hardware_best_match() -> None:
+    from pytest_diffeval.baselines import hardware_key, select_entry
+
+    assert hardware_key({"device": "cpu", "device_kind": "cpu", "dtype": "torch.float32"}) == "cpu/float32"
+    assert hardware_key({"device": "cuda:1", "device_kind": "NVIDIA A100 (sm80)", "dtype": "torch.float16"}) == \
+        "cuda/NVIDIA A100 (sm80)/float16"
+    check = {"hardware": {GPU_KEY: "h100-fp16", "cuda/NVIDIA H100 80GB HBM3 (sm90)/bfloat16": "h100-bf16",
+                          "cpu/float32": "cpu"}}
+    assert select_entry(check, GPU_KEY) == (GPU_KEY, "h100-fp16")
+    assert select_entry(check, "cuda/NVIDIA A100 (sm80)/float16")[1] == "h100-fp16"  # same type and dtype
+    assert select_entry(check, "cuda/NVIDIA A100 (sm80)/float32")[1] in {"h100-fp16", "h100-bf16"}  # same type
+    assert select_entry(check, "cpu/bfloat16") == ("cpu/float32", "cpu")
+    assert select_entry({"hardware": {GPU_KEY: "gpu"}}, "cpu/float32") == (None, None)  # never across types

@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "assert_clip_score_at_least": "assertions",
+    "assert_clip_directional_similarity_at_least": "assertions",
+    "assert_clip_image_similarity_at_least": "assertions",
     "assert_fid_below": "assertions",
     "assert_metric": "assertions",
     "BaselineError": "baselines",
@@ -27,6 +29,9 @@ _EXPORTS = {
     "PipelineNotFoundError": "pipelines",
     "load_pipeline": "pipelines",
     "Comparison": "verdicts",
+    "PromptRecord": "prompts",
+    "load_drawbench": "prompts",
+    "load_parti_prompts": "prompts",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -80,6 +80,14 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "fid": ("fid", "FID"),
     "kid": ("distribution", "KID"),
     "cmmd": ("distribution", "CMMD"),
+    "clip_directional_similarity": ("edit", "ClipDirectionalSimilarity"),
+    "clip_image_similarity": ("edit", "ClipImageSimilarity"),
+    "aesthetic": ("aesthetic", "Aesthetic"),
+    "preservation_psnr": ("preservation", "PreservationPSNR"),
+    "preservation_ssim": ("preservation", "PreservationSSIM"),
+    "style_loss": ("style", "StyleLoss"),
+    "good_image_rate": ("derived", "GoodImageRate"),
+    "seed_stability": ("derived", "SeedStability"),
 }
 
 

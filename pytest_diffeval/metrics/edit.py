@@ -1,0 +1,127 @@
+"""Image-editing metrics on CLIP embeddings: directional similarity (does the edit follow
+the instruction?) and image similarity (does the edit keep the source, or match an
+exemplar?).  Also the input helpers the other edit metrics share: images and captions
+given as options, one per generated image or one for all."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import settings
+from . import Metric, MetricResult
+from .backbones import ClipBackbone, load_clip
+
+
+def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarray:
+    """``value`` (an ImageSet, a uint8 ``(N, H, W, 3)`` or ``(H, W, 3)`` array, or a list of
+    ``(H, W, 3)`` arrays) as uint8 ``(count, H, W, 3)``; a single image is used for all."""
+    if value is None:
+        raise ValueError(f"pytest-diffeval: {metric} needs {option}= (an ImageSet or uint8 images of shape "
+                         f"(N, H, W, 3), one per generated image or one for all)")
+    if hasattr(value, "images") and hasattr(value, "sample_keys"):
+        value = value.images
+    elif isinstance(value, torch.Tensor):
+        raise TypeError(f"pytest-diffeval: {metric}: {option} is a torch.Tensor; pass an ImageSet or a uint8 "
+                        "numpy array of shape (N, H, W, 3) (e.g. tensor.permute(0, 2, 3, 1).numpy())")
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"pytest-diffeval: {metric}: {option} is empty; give one image per generated image")
+        value = [np.asarray(v) for v in value]
+        if len({v.shape for v in value}) != 1:
+            raise ValueError(f"pytest-diffeval: {metric}: the images in {option} differ in size "
+                             f"({sorted({v.shape for v in value})}); resize them to one size")
+        value = np.stack(value)
+    array = np.asarray(value)
+    if array.ndim == 3:
+        array = array[None]
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"pytest-diffeval: {metric}: {option} must be uint8 images of shape (N, H, W, 3), got "
+                         f"{array.dtype} {array.shape}; fix: convert with pytest_diffeval.generation.to_uint8")
+    if len(array) == 1 and count != 1:
+        array = np.broadcast_to(array, (count, *array.shape[1:]))
+    if len(array) != count:
+        raise ValueError(f"pytest-diffeval: {metric}: {option} holds {len(array)} images for {count} generated "
+                         "images; give one per generated image (same order) or a single one for all")
+    return array
+
+
+def text_list(value: Any, *, metric: str, option: str, count: int) -> list[str]:
+    """``value`` (a list of strings, one per image, or one string for all) as a list."""
+    if value is None:
+        raise ValueError(f"pytest-diffeval: {metric} needs {option}= (a list of captions, one per image)")
+    texts = [value] * count if isinstance(value, str) else list(value)
+    if len(texts) != count or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"pytest-diffeval: {metric}: {option} holds {len(texts)} entries for {count} images; "
+                         "give one caption (str) per image, or a single str for all")
+    return texts
+
+
+def _unique_features(backbone: ClipBackbone, array: np.ndarray, batch_size: int) -> torch.Tensor:
+    """L2-normalised image embeddings of ``array``, computing a broadcast single image once."""
+    if array.strides[0] == 0:  # one image given for all
+        single = torch.from_numpy(np.array(array[:1])).permute(0, 3, 1, 2).to(backbone.device)
+        return F.normalize(backbone.image_features(single, batch_size), dim=-1).expand(len(array), -1)
+    tensor = torch.from_numpy(np.array(array)).permute(0, 3, 1, 2).to(backbone.device)
+    return F.normalize(backbone.image_features(tensor, batch_size), dim=-1)
+
+
+def _text_features(backbone: ClipBackbone, texts: Sequence[str]) -> torch.Tensor:
+    """L2-normalised text embeddings, each distinct text encoded once."""
+    unique = list(dict.fromkeys(texts))
+    features = F.normalize(backbone.text_features(unique), dim=-1)
+    index = {text: i for i, text in enumerate(unique)}
+    return features[[index[t] for t in texts]]
+
+
+class ClipDirectionalSimilarity(Metric):
+    """CLIP directional similarity (Gal et al. 2021; InstructPix2Pix; the diffusers evaluation
+    guide): per image ``cos(E(edited) - E(source), T(target caption) - T(source caption))``
+    on L2-normalised CLIP embeddings, in [-1, 1].  The value is the mean (not clamped).
+    Default tolerance: 0.01 (the diffusers guide reports 0.08 for InstructPix2Pix)."""
+
+    name = "clip_directional_similarity"
+    higher_is_better = True
+    per_sample = True
+    absolute_tolerance = 0.01
+
+    def compute(self, images: Any, *, source_images: Any = None, source_captions: Any = None,
+                target_captions: Any = None, clip_model: str | None = None, device: str | None = None,
+                batch_size: int = 64) -> MetricResult:
+        """Score the edited ``images`` against ``source_images`` and the caption pair."""
+        n = len(images)
+        source = image_array(source_images, metric=self.name, option="source_images", count=n)
+        before = text_list(source_captions, metric=self.name, option="source_captions", count=n)
+        after = text_list(target_captions, metric=self.name, option="target_captions", count=n)
+        backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
+        long_captions = backbone.warn_long_prompts(before + after)
+        edited = F.normalize(backbone.image_features(images.as_tensor(backbone.device), batch_size), dim=-1)
+        original = _unique_features(backbone, source, batch_size)
+        direction = F.cosine_similarity(edited - original, _text_features(backbone, after) - _text_features(backbone, before))
+        per_sample = direction.double().cpu().numpy()
+        return MetricResult(self.name, float(per_sample.mean()), backbone.id, True, per_sample=per_sample,
+                            details={"truncated_prompts": long_captions})
+
+
+class ClipImageSimilarity(Metric):
+    """CLIP image similarity in torchmetrics' ``CLIPScore`` image-to-image convention: per image
+    ``100 * cos(E(image), E(reference))`` on CLIP image embeddings; the value is
+    ``max(mean, 0)`` like ``clip_score``.  Divide by 100 for the plain cosine that
+    InstructPix2Pix plots (0.75-0.9).  Default tolerance: 1 point."""
+
+    name = "clip_image_similarity"
+    higher_is_better = True
+    per_sample = True
+    absolute_tolerance = 1.0
+
+    def compute(self, images: Any, *, reference_images: Any = None, clip_model: str | None = None,
+                device: str | None = None, batch_size: int = 64) -> MetricResult:
+        """Compare each image with its reference (the source of an edit, or an exemplar)."""
+        reference = image_array(reference_images, metric=self.name, option="reference_images", count=len(images))
+        backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
+        generated = F.normalize(backbone.image_features(images.as_tensor(backbone.device), batch_size), dim=-1)
+        per_sample = (100 * (generated * _unique_features(backbone, reference, batch_size)).sum(-1)).double().cpu().numpy()
+        return MetricResult(self.name, max(float(per_sample.mean()), 0.0), backbone.id, True, per_sample=per_sample)

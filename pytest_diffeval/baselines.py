@@ -141,6 +141,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         super().__init__()
         self.last_outcome: Any = None
         self.tolerance: float | None = None
+        self.updating = False
 
     # ---- storage: where
     @classmethod
@@ -241,8 +242,12 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         return data
 
     def matches(self, *, serialized_data: Any, snapshot_data: Any) -> bool:
+        """Within tolerance.  An improvement beyond it passes a normal run but is rewritten
+        by ``--snapshot-update``, so the baseline ratchets up with the model."""
         self.last_outcome = outcome = judge(serialized_data, snapshot_data, self.tolerance)
-        return isinstance(outcome, Comparison) and outcome.passed
+        if not isinstance(outcome, Comparison):
+            return False
+        return outcome.verdict == "pass" or (outcome.verdict == "improved" and not self.updating)
 
 
 def hardware_key(provenance: dict[str, Any]) -> str:
@@ -367,7 +372,7 @@ class DiffevalBaseline:
         extension = assertion.extension
         extension.tolerance = tolerance
         extension.last_outcome = None
-        updating = bool(assertion.update_snapshots)
+        extension.updating = updating = bool(assertion.update_snapshots)
         matched = assertion == record
         outcome = extension.last_outcome
         location = self.path
@@ -396,6 +401,11 @@ class DiffevalBaseline:
         else:
             record_check(self.test_id, result, images, verdict=outcome.verdict, baseline_file=str(location),
                          comparison=outcome)
+            if outcome.verdict == "improved":
+                import warnings
+
+                warnings.warn(f"pytest-diffeval: {metric} improved beyond its tolerance ({outcome.value:.4g} vs baseline "
+                              f"{outcome.baseline:.4g}); ratchet the baseline with: {rerun}", UserWarning, stacklevel=3)
             return outcome, (None if outcome.passed else regression_message(outcome, location, rerun)), AssertionError
         record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location))
         return None, message, BaselineError

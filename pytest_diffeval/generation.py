@@ -8,10 +8,12 @@ import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -60,6 +62,8 @@ class ImageSet:
 
     def as_tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """uint8 ``(N, 3, H, W)``, the layout torchmetrics expects."""
+        import torch
+
         return torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous().to(device)
 
     def to_pil(self) -> list[Any]:
@@ -122,13 +126,14 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
         return f"<{type(value).__name__} shape={tuple(value.shape)} dtype={value.dtype}>"
     return repr(value)
 
 
 def library_versions() -> dict[str, str]:
     import diffusers
+    import torch
     import torchmetrics
     import transformers
 
@@ -147,6 +152,8 @@ def library_versions() -> dict[str, str]:
 
 def device_kind(device: torch.device | str) -> str:
     """``"cpu"`` or the GPU's name with its compute capability, e.g. ``"NVIDIA H100 (sm90)"``."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -162,7 +169,7 @@ def pipeline_provenance(pipe: Any) -> dict[str, Any]:
         name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
         base = {"model": name, "model_kind": "object", "model_path": None, "model_hash": None, "revision": None}
     scheduler = getattr(pipe, "scheduler", None)
-    device = getattr(pipe, "device", torch.device("cpu"))
+    device = getattr(pipe, "device", "cpu")
     return {
         **base,
         "pipeline_class": type(pipe).__name__,
@@ -194,6 +201,8 @@ def generate_images(
     Each image gets its own CPU ``torch.Generator`` seeded with its seed, so its pixels do
     not depend on the batch it landed in nor on the device's RNG.
     """
+    import torch
+
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -226,7 +235,7 @@ def generate_images(
 def to_uint8(images: Any) -> np.ndarray:
     """Pipeline output (float in [0, 1], NHWC numpy or NCHW tensor) to uint8 NHWC, rounding
     the way diffusers' ``numpy_to_pil`` does.  Non-finite values become 0."""
-    if isinstance(images, torch.Tensor):
+    if type(images).__name__ == "Tensor":
         images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
     images = np.asarray(images, dtype=np.float32)
     images = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)

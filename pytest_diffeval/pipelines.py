@@ -156,6 +156,14 @@ def load_pipeline(
     except (OSError, ValueError) as exc:  # huggingface_hub's id validation raises ValueError
         if kind == "hub":
             raise _missing_model_error(os.fspath(source), exc) from exc
+        pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in {".bin", ".pt", ".ckpt", ".pth"})
+        if kwargs["use_safetensors"] and pickles:
+            raise PipelineNotFoundError(
+                f"pytest-diffeval: {path} holds pickle weights ({', '.join(pickles[:3])}) where safetensors are expected: "
+                f"{exc}\n  pickle files can execute code when loaded, so safetensors are the default. Fix: convert the "
+                "model once in a trusted environment (`pipe.save_pretrained(DIR, safe_serialization=True)`), or pass "
+                "use_safetensors=False to diffusion_pipeline() if you trust these files."
+            ) from exc
         raise
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)

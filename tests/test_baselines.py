@@ -215,3 +215,17 @@ def test_hardware_best_match() -> None:
     assert select_entry(check, "cuda/NVIDIA A100 (sm80)/float32")[1] in {"h100-fp16", "h100-bf16"}  # same type
     assert select_entry(check, "cpu/bfloat16") == ("cpu/float32", "cpu")
     assert select_entry({"hardware": {GPU_KEY: "gpu"}}, "cpu/float32") == (None, None)  # never across types
+
+
+def test_improvement_passes_with_a_hint_and_update_ratchets_the_baseline(project: pytest.Pytester) -> None:
+    write_test(project)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = baseline_files(project)
+    before = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]["value"]
+    darken(project.path / "model", amount=-0.5)  # brighter: better on this metric
+    improved = project.runpytest_subprocess("-W", "always")
+    improved.assert_outcomes(passed=1)
+    assert "brightness improved beyond its tolerance" in improved.stdout.str() and "improved" in improved.stdout.str()
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    after = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]["value"]
+    assert after > before + 1.0

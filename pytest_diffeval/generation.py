@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import platform
 import re
 from dataclasses import dataclass, field
@@ -187,6 +189,71 @@ def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
         yield items[start : start + size]
 
 
+def _fingerprint(value: Any) -> Any:
+    """Call arguments for a cache key: arrays and images by content, the rest as JSON."""
+    if isinstance(value, dict):
+        return {str(k): _fingerprint(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_fingerprint(v) for v in value]
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
+        array = np.ascontiguousarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        return f"array:{array.dtype}:{array.shape}:{hashlib.sha256(array.tobytes()).hexdigest()[:16]}"
+    if hasattr(value, "tobytes") and hasattr(value, "size"):  # PIL image
+        return f"image:{value.size}:{hashlib.sha256(value.tobytes()).hexdigest()[:16]}"
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+class ImageCache:
+    """Generated images on disk, one PNG per sample, keyed by everything that determines
+    it: model content hash, pipeline class, scheduler config, every call argument, prompt,
+    seed, dtype, device kind and library versions.  Change one input and only the samples
+    it affects miss.  A corrupt entry is regenerated, never trusted; writes are atomic."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, provenance: dict[str, Any], call_kwargs: dict[str, Any], prompt: str, seed: int) -> str | None:
+        if not provenance.get("model_hash") or provenance.get("model_hash") == "unknown":
+            return None  # a pipeline object we cannot identify by content is never cached
+        material = {k: provenance.get(k) for k in ("model_hash", "revision", "pipeline_class", "scheduler",
+                                                    "scheduler_config", "dtype", "device_kind", "versions")}
+        material.update(call_kwargs=_fingerprint(call_kwargs), prompt=prompt, seed=seed)
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.png"
+
+    def get(self, key: str | None) -> tuple[np.ndarray, bool] | None:
+        if key is None or not self._path(key).is_file():
+            return None
+        from PIL import Image
+
+        try:
+            with Image.open(self._path(key)) as image:
+                image.load()
+                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                nonfinite = image.info.get("diffeval_nonfinite") == "1"
+        except Exception:  # noqa: BLE001 - a corrupt entry is a miss
+            return None
+        self.hits += 1
+        return array, nonfinite
+
+    def put(self, key: str | None, image: np.ndarray, nonfinite: bool) -> None:
+        if key is None:
+            return
+        from PIL import Image, PngImagePlugin
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = PngImagePlugin.PngInfo()
+        info.add_text("diffeval_nonfinite", "1" if nonfinite else "0")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+
+
 def generate_images(
     pipe: Any,
     prompts: Sequence[str] | str,
@@ -194,9 +261,11 @@ def generate_images(
     seeds: Iterable[int] = (0,),
     batch_size: int = 8,
     test_id: str | None = None,
+    cache: ImageCache | None = None,
     **call_kwargs: Any,
 ) -> ImageSet:
-    """Generate one image per ``(prompt, seed)``, batched.
+    """Generate one image per ``(prompt, seed)``, batched; samples found in ``cache`` are
+    read instead of generated.
 
     Each image gets its own CPU ``torch.Generator`` seeded with its seed, so its pixels do
     not depend on the batch it landed in nor on the device's RNG.
@@ -214,21 +283,28 @@ def generate_images(
     if batch_size < 1:
         raise ValueError(f"pytest-diffeval: batch_size must be >= 1, got {batch_size}")
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
-    chunks, nonfinite = [], []
-    for batch in _batches(jobs, batch_size):
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
-        output = pipe(prompt=[p for p, _ in batch], generator=generators, output_type="np", **call_kwargs)
+    provenance = pipeline_provenance(pipe)
+    keys = [cache.key(provenance, call_kwargs, p, s) if cache is not None else None for p, s in jobs]
+    results: list[tuple[np.ndarray, bool] | None] = [cache.get(k) if cache is not None else None for k in keys]
+    missing = [i for i, r in enumerate(results) if r is None]
+    for batch in _batches(missing, batch_size):
+        generators = [torch.Generator("cpu").manual_seed(jobs[i][1]) for i in batch]
+        output = pipe(prompt=[jobs[i][0] for i in batch], generator=generators, output_type="np", **call_kwargs)
         raw = np.asarray(output.images, dtype=np.float32)
-        nonfinite.extend(bool(x) for x in ~np.isfinite(raw).reshape(len(raw), -1).all(axis=1))
-        chunks.append(to_uint8(raw))
+        flags = ~np.isfinite(raw).reshape(len(raw), -1).all(axis=1)
+        for index, image, flag in zip(batch, to_uint8(raw), flags):
+            results[index] = (image, bool(flag))
+            if cache is not None:
+                cache.misses += 1
+                cache.put(keys[index], image, bool(flag))
     return ImageSet(
-        images=np.concatenate(chunks),
+        images=np.stack([r[0] for r in results]),
         prompts=[p for p, _ in jobs],
         seeds=[s for _, s in jobs],
         call_kwargs=_jsonable(call_kwargs),
-        provenance=pipeline_provenance(pipe),
+        provenance=provenance,
         test_id=test_id,
-        nonfinite=nonfinite,
+        nonfinite=[r[1] for r in results],
     )
 
 

@@ -83,3 +83,51 @@ def test_imageset_validates_its_shape() -> None:
         ImageSet(images=np.zeros((1, 4, 4, 3), dtype=np.float32), prompts=["a"], seeds=[0])
     with pytest.raises(ValueError, match="must match"):
         ImageSet(images=np.zeros((2, 4, 4, 3), dtype=np.uint8), prompts=["a"], seeds=[0])
+
+
+class CountingPipe:
+    """Wraps a pipeline and counts the images it generates."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.generated = pipe, 0
+        self._diffeval_provenance = pipe._diffeval_provenance
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *, prompt, **kwargs):
+        self.generated += len(prompt)
+        return self.pipe(prompt=prompt, **kwargs)
+
+
+def test_image_cache_regenerates_only_what_changed(pipe, tmp_path: Path) -> None:
+    from pytest_diffeval.generation import ImageCache
+
+    cache, counting = ImageCache(tmp_path / "images"), CountingPipe(pipe)
+    first = generate_images(counting, PROMPTS, seeds=range(2), cache=cache, num_inference_steps=2)
+    assert counting.generated == 6 and cache.misses == 6 and cache.hits == 0
+    again = generate_images(counting, PROMPTS, seeds=range(2), cache=cache, num_inference_steps=2)
+    assert counting.generated == 6 and cache.hits == 6  # nothing regenerated
+    assert np.array_equal(first.images, again.images) and again.nonfinite == [False] * 6
+    generate_images(counting, PROMPTS + ["a new prompt"], seeds=range(2), cache=cache, num_inference_steps=2)
+    assert counting.generated == 8  # only the new prompt's two samples
+    generate_images(counting, PROMPTS[:1], seeds=range(2), cache=cache, num_inference_steps=3)
+    assert counting.generated == 10  # another call argument: another key
+    key = cache.key(first.provenance, {"num_inference_steps": 2}, PROMPTS[1], 1)
+    (tmp_path / "images" / key[:2] / f"{key}.png").write_bytes(b"corrupt")
+    repaired = generate_images(counting, PROMPTS, seeds=range(2), cache=cache, num_inference_steps=2)
+    assert counting.generated == 11  # the corrupt entry is regenerated, never trusted
+    assert np.abs(repaired.images.astype(int) - first.images.astype(int)).max() <= 2
+
+
+def test_image_cache_key_follows_model_content(pipe) -> None:
+    from pytest_diffeval.generation import ImageCache
+
+    cache = ImageCache("unused")
+    provenance = dict(pipe._diffeval_provenance, pipeline_class="X", dtype="torch.float32", device_kind="cpu")
+    key = cache.key(provenance, {"num_inference_steps": 2}, "a", 0)
+    assert key != cache.key({**provenance, "model_hash": "other"}, {"num_inference_steps": 2}, "a", 0)
+    assert key != cache.key(provenance, {"num_inference_steps": 2}, "a", 1)
+    assert key != cache.key({**provenance, "dtype": "torch.float16"}, {"num_inference_steps": 2}, "a", 0)
+    assert key != cache.key(provenance, {"num_inference_steps": 2, "image": np.zeros((2, 2))}, "a", 0)
+    assert cache.key({**provenance, "model_hash": None}, {}, "a", 0) is None  # unidentifiable: never cached

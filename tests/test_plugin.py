@@ -29,7 +29,13 @@ def test_many_tests_one_model_load_per_worker(user_project: pytest.Pytester) -> 
     """)
     result = user_project.runpytest_subprocess("-v")
     result.assert_outcomes(passed=6)
-    result.stdout.fnmatch_lines(["diffeval loads in this process: pipelines *tiny-sd: 1*"])
+    result.stdout.fnmatch_lines(["diffeval loads in this process: pipelines *tiny-sd: 1*",
+                                 "diffeval images in this process: 6 generated, 0 from the cache *"])
+    rerun = user_project.runpytest_subprocess("-v")
+    rerun.stdout.fnmatch_lines(["diffeval images in this process: 0 generated, 6 from the cache *"])
+    uncached = user_project.runpytest_subprocess("-v", "--diffeval-no-cache")
+    uncached.assert_outcomes(passed=6)
+    assert "diffeval images in this process" not in uncached.stdout.str()
     two = user_project.runpytest_subprocess("-v", "-n", "2")
     two.assert_outcomes(passed=6)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from syrupy.data import Snapshot, SnapshotCollection, SnapshotCollections
 from syrupy.extensions.base import AbstractSyrupyExtension
 
@@ -28,6 +30,9 @@ from .verdicts import Comparison, compare_paired, compare_values
 
 FORMAT_VERSION = 1
 SPREAD_FACTOR = 2.0
+NOISE_FACTOR = 3.0
+# Benign perturbations for --diffeval-calibrate, cycled: none of them changes the model.
+PERTURBATIONS = ({"threads": 1}, {"batch_size": 1}, {"threads": 2}, {"batch_size": 64})
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -306,6 +311,10 @@ def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
         return differences
     metric = get_metric(record["metric"])
     tol = metric.default_tolerance(float(stored["value"])) if tolerance is None else float(tolerance)
+    noise = stored.get("noise", {}).get("max_abs_effect")
+    if tolerance is None and noise is not None:
+        # Calibrated: NOISE_FACTOR times the largest change benign re-runs caused, at least the floor.
+        tol = max(tol, NOISE_FACTOR * float(noise))
     spread = stored.get("details", {}).get("spread")
     if tolerance is None and spread is not None:
         # Set-level metrics: twice the baseline's resampling spread (about 95% of the
@@ -317,6 +326,36 @@ def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
                               float(stored["value"]), tol)
     return compare_values(record["metric"], record["backbone"], record["higher_is_better"],
                           record["value"], float(stored["value"]), tol)
+
+
+def calibrate(images: Any, metric: str, result: MetricResult, options: dict[str, Any], runs: int) -> dict[str, Any]:
+    """Re-generate and re-measure ``runs`` times under benign perturbations (thread count,
+    batch size) and return the noise they caused: the largest |paired mean change| (or
+    |value change| for set-level metrics) and the largest per-sample change.  A fresh
+    process at the same thread count is bit-identical (measured), so it adds nothing."""
+    import torch
+
+    effects, per_sample, used = [], [], []
+    for run in range(runs):
+        perturbation = PERTURBATIONS[run % len(PERTURBATIONS)]
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(perturbation.get("threads", threads))
+            again = images.regenerate(batch_size=perturbation.get("batch_size", 8))
+        finally:
+            torch.set_num_threads(threads)
+        other = compute_metric(metric, again, **options)
+        if result.per_sample is not None and other.per_sample is not None:
+            diff = np.asarray(other.per_sample) - np.asarray(result.per_sample)
+            effects.append(abs(float(diff.mean())))
+            per_sample.append(float(np.abs(diff).max()))
+        else:
+            effects.append(abs(other.value - result.value))
+        used.append(perturbation)
+    noise = {"runs": runs, "perturbations": used, "max_abs_effect": max(effects)}
+    if per_sample:
+        noise["max_abs_sample_change"] = max(per_sample)
+    return noise
 
 
 # --------------------------------------------------------------------------- fixture object
@@ -368,6 +407,8 @@ class DiffevalBaseline:
         result = compute_metric(metric, images, **metric_options)
         record = build_record(result, images, metric_options)
         record["_test"] = self.test_id
+        if settings.current().calibrate and getattr(images, "regenerate", None) is not None:
+            record["noise"] = calibrate(images, metric, result, metric_options, settings.current().calibrate)
         assertion = self._snapshot(name=metric)
         extension = assertion.extension
         extension.tolerance = tolerance

@@ -31,6 +31,7 @@ class Settings:
     baselines_dir: Path = field(default_factory=lambda: Path("baselines"))
     update_baselines: bool = False
     model_override: str | None = None  # --diffeval-model: replaces the model every test loads
+    calibrate: int = 0  # --diffeval-calibrate=N: benign re-runs per baseline check when recording
     records: list[dict[str, Any]] = field(default_factory=list)  # one per metric check
 
 

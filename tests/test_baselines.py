@@ -229,3 +229,22 @@ def test_improvement_passes_with_a_hint_and_update_ratchets_the_baseline(project
     project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
     after = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]["value"]
     assert after > before + 1.0
+
+
+def test_calibration_stores_benign_noise_and_derives_the_tolerance(project: pytest.Pytester) -> None:
+    write_test(project)
+    project.runpytest_subprocess("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=1)
+    [file] = baseline_files(project)
+    entry = json.loads(file.read_text())["checks"]["clip_score"]["hardware"]["cpu/float32"]
+    noise = entry["noise"]
+    assert noise["runs"] == 2 and noise["perturbations"] == [{"threads": 1}, {"batch_size": 1}]
+    assert 0 <= noise["max_abs_effect"] < 0.5  # benign: far below the 1-point floor
+    # A baseline whose stored noise is large gets a wide tolerance when none is given.
+    entry["noise"]["max_abs_effect"] = 50.0
+    data = json.loads(file.read_text())
+    data["checks"]["brightness"]["hardware"]["cpu/float32"]["noise"] = {"runs": 2, "max_abs_effect": 50.0}
+    file.write_text(json.dumps(data))
+    darken(project.path / "model", amount=0.2)
+    result = project.runpytest_subprocess()
+    result.assert_outcomes(passed=1)  # a drop smaller than 3 x 50 is within the calibrated noise
+    assert "150" in result.stdout.str()  # the terminal table shows the derived tolerance

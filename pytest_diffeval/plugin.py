@@ -4,6 +4,7 @@ check into the terminal summary (also from xdist workers)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -11,7 +12,7 @@ import pytest
 
 from . import settings
 from .baselines import DiffevalBaseline, DiffevalBaselineExtension
-from .report import format_summary
+from .report import Outputs, summary_lines
 
 if TYPE_CHECKING:
     from .generation import ImageSet
@@ -19,6 +20,20 @@ if TYPE_CHECKING:
 # Heavy libraries (torch, diffusers, torchmetrics) are imported only when a test uses a
 # fixture, so installing the plugin does not slow down every pytest run.
 _PIPELINES: Any = None
+_IMAGES: Any = None
+
+
+def image_cache(config: pytest.Config) -> Any:
+    """The on-disk image cache, or None with ``--diffeval-no-cache`` or without a cache dir."""
+    global _IMAGES
+    directory = settings.current().cache_dir
+    if config.getoption("diffeval_no_cache") or directory is None:
+        return None
+    if _IMAGES is None or _IMAGES.directory != Path(directory) / "images":
+        from .generation import ImageCache
+
+        _IMAGES = ImageCache(Path(directory) / "images")
+    return _IMAGES
 
 
 def pipeline_cache() -> Any:
@@ -53,13 +68,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
            "file (offline FID)")
     option("diffeval-results", "diffeval_results", "folder for images and metrics of failed checks",
            default="diffeval-results")
-    option("diffeval-cache-dir", "diffeval_cache_dir", "cache folder (reference statistics); default under "
-           "pytest's cache dir")
+    option("diffeval-cache-dir", "diffeval_cache_dir", "cache folder (generated images, reference statistics); "
+           "default under pytest's cache dir")
+    group.addoption("--diffeval-calibrate", type=int, default=0, metavar="N",
+                    help="with --snapshot-update: re-run each baseline check N times under benign perturbations "
+                         "(1 and 2 threads, batch size 1 and all-at-once) and store the observed noise, from which "
+                         "tolerance=None derives the tolerance")
+    group.addoption("--diffeval-no-cache", action="store_true", default=False,
+                    help="generate every image again (bypass the image cache)")
     option("diffeval-batch-size", "diffeval_batch_size", "default generation batch size", default="8")
     option("diffeval-model", "diffeval_model", "replace the model tests load: NAME (every model) or "
            "ORIGINAL=REPLACEMENT; also env DIFFEVAL_MODEL")
     group.addoption("--diffeval-results-always", action="store_true", default=False,
                     help="save images and metrics for passing checks too")
+    option("diffeval-report", "diffeval_report", "self-contained HTML report of the metric checks, relative to "
+           "the rootdir; default <results dir>/report.html")
     group.addoption("--diffeval-require-gpu", action="store_true", default=False,
                     help="fail (do not skip) when no CUDA GPU is available or a GPU test would be skipped")
     parser.addini("diffeval_baselines_dir", help="folder of stored baselines, relative to the rootdir",
@@ -86,6 +109,7 @@ def pytest_configure(config: pytest.Config) -> None:
         baselines_dir=(rootdir / config.getini("diffeval_baselines_dir")).resolve(),
         update_baselines=bool(getattr(config.option, "update_snapshots", False)),
         model_override=_value(config, "diffeval_model") or os.environ.get("DIFFEVAL_MODEL") or None,
+        calibrate=int(config.getoption("diffeval_calibrate") or 0),
         device_request=_value(config, "diffeval_device"),
         records=[],
     )
@@ -140,19 +164,84 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _ROWS.extend(getattr(report, "diffeval", None) or [])
 
 
+_OUTPUTS = pytest.StashKey[Outputs]()
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    """An xdist worker (its config has ``workerinput``).  Not the environment variable: a
+    pytest started from inside a worker (pytester) inherits it but is a controller."""
+    return hasattr(config, "workerinput")
+
+
+def _report_path(config: pytest.Config) -> Path:
+    value = _value(config, "diffeval_report")
+    if value:
+        return (Path(config.rootpath) / value).resolve()
+    return Path(settings.current().results_dir) / "report.html"
+
+
+def _outcomes(config: pytest.Config) -> dict[str, str]:
+    """pytest's outcome of each test (from the terminal reporter's statistics)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    outcomes: dict[str, str] = {}
+    for key in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for report in getattr(reporter, "stats", {}).get(key, []):
+            nodeid = getattr(report, "nodeid", None)
+            if nodeid and (key in {"failed", "error"} or nodeid not in outcomes):
+                outcomes[nodeid] = key
+    return outcomes
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """On the controller (all workers' rows are in by now): write ``metrics.json``, the HTML
+    report and, on GitHub Actions, the step summary."""
+    config = session.config
+    if _is_worker(config) or not _ROWS:
+        return
+    from . import __version__
+    from .report import write_outputs
+
+    meta = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pytest_diffeval": __version__,
+        "exitstatus": int(exitstatus),
+        "rootdir": str(config.rootpath),
+        "args": [str(a) for a in config.invocation_params.args],
+        "workers": getattr(config.option, "numprocesses", None) or 0,
+        "results_always": settings.current().results_always,
+    }
+    config.stash[_OUTPUTS] = write_outputs(
+        list(_ROWS), results_dir=Path(settings.current().results_dir), report=_report_path(config), meta=meta,
+        outcomes=_outcomes(config), step_summary_file=os.environ.get("GITHUB_STEP_SUMMARY") or None,
+    )
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if _is_worker(config):
         return
     if _ROWS:
         terminalreporter.write_sep("=", "diffeval: metric checks")
-        for line in format_summary(_ROWS):
-            terminalreporter.write_line(line)
+        for line, bad in summary_lines(_ROWS):
+            terminalreporter.write_line(line, red=bad, bold=bad)
+        outputs = config.stash.get(_OUTPUTS, None)
+        if outputs is not None:
+            if outputs.report:
+                terminalreporter.write_line(f"diffeval HTML report: {outputs.report}")
+            if outputs.metrics:
+                terminalreporter.write_line(f"diffeval metrics: {outputs.metrics}")
+            if outputs.step_summary:
+                terminalreporter.write_line(f"diffeval step summary appended to {outputs.step_summary}")
+            for error in outputs.errors:
+                terminalreporter.write_line(f"diffeval: {error}", yellow=True)
     if config.getoption("verbose") > 0 and _PIPELINES is not None and _PIPELINES.loads:
         from .metrics.backbones import LOADS
 
         terminalreporter.write_line("diffeval loads in this process: pipelines " +
                                     ", ".join(f"{k}: {v}" for k, v in _PIPELINES.loads.items()) +
                                     ("; backbones " + ", ".join(f"{k}: {v}" for k, v in LOADS.items()) if LOADS else ""))
+    if config.getoption("verbose") > 0 and _IMAGES is not None:
+        terminalreporter.write_line(f"diffeval images in this process: {_IMAGES.misses} generated, "
+                                    f"{_IMAGES.hits} from the cache {_IMAGES.directory}")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -203,8 +292,16 @@ def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., A
         if isinstance(source_or_pipeline, (str, os.PathLike)):
             pipe = diffusion_pipeline(source_or_pipeline)
         size = batch_size or int(_value(request.config, "diffeval_batch_size"))
-        return generate_images(pipe, prompts, seeds=seeds, batch_size=size, test_id=request.node.nodeid,
-                               **call_kwargs)
+        images = generate_images(pipe, prompts, seeds=seeds, batch_size=size, test_id=request.node.nodeid,
+                                 cache=image_cache(request.config), **call_kwargs)
+
+        def regenerate(*, batch_size: int = size) -> ImageSet:
+            """The same generation again, uncached (for --diffeval-calibrate)."""
+            return generate_images(pipe, prompts, seeds=seeds, batch_size=batch_size, test_id=request.node.nodeid,
+                                   **call_kwargs)
+
+        images.regenerate = regenerate
+        return images
 
     return run
 

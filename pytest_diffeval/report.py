@@ -1,29 +1,669 @@
-"""Turning the session's metric checks into something a person reads."""
+"""Turning the session's metric checks into something a person reads.
+
+Every metric check is a row (see ``assertions.record_check``); at the end of the session
+the controller turns the rows of all workers into
+
+* the terminal table (:func:`summary_lines`),
+* ``metrics.json`` in the results directory (:func:`session_document`),
+* a self-contained HTML page (:func:`render_html`): images inlined as data URIs, inline
+  CSS and JS, nothing fetched from the network,
+* a markdown table for GitHub Actions' ``$GITHUB_STEP_SUMMARY`` (:func:`step_summary`).
+
+Only the standard library is imported here at module level (the plugin loads this module
+in every pytest run); Pillow is imported when a page with images is rendered.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+FORMAT_VERSION = 1
+PASSING = frozenset({"pass", "improved", "recorded"})  # verdicts that do not fail a test
+THUMBNAIL_MAX = 384  # larger images are embedded downscaled (the PNGs on disk keep full size)
+DISPLAY_MIN = 128  # smaller images are shown upscaled by an integer factor (pixelated)
+STEP_SUMMARY_MAX_ROWS = 300
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def failed(row: dict[str, Any]) -> bool:
+    """Whether a check's verdict fails its test."""
+    return row.get("verdict") not in PASSING
 
 
 def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    """Four significant digits, trailing zeros kept (``79.00``, ``0.8532``)."""
+    return "-" if value is None else f"{value:#.4g}" if isinstance(value, float) else str(value)
+
+
+def _signed(value: Any) -> str:
+    return "-" if value is None else f"{value:+#.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def reference(row: dict[str, Any]) -> str:
+    """What the value was judged against: ``baseline ± tolerance`` or the threshold."""
+    if row.get("baseline") is not None:
+        return f"{_fmt(row['baseline'])} ± {_fmt(row.get('tolerance'))}"
+    if row.get("threshold") is not None:
+        return (">= " if row.get("higher_is_better", True) else "<= ") + _fmt(row["threshold"])
+    return "-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a
+    killed run) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _by_test(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    tests: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        tests.setdefault(str(row.get("test")), []).append(row)
+    return tests
+
+
+def ordered_tests(rows: list[dict[str, Any]],
+                  outcomes: dict[str, str] | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Tests with their checks: failed tests first, then by test id (stable under ``-n``)."""
+    outcomes = outcomes or {}
+    tests = _by_test(rows)
+    return sorted(tests.items(), key=lambda kv: (not is_test_failed(kv[1], outcomes.get(kv[0])), kv[0]))
+
+
+def is_test_failed(checks: list[dict[str, Any]], outcome: str | None = None) -> bool:
+    """A test failed when one of its checks did, or pytest says so (an assert after the check)."""
+    return any(failed(r) for r in checks) or outcome in {"failed", "error"}
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def summary_lines(rows: list[dict[str, Any]], *, max_test_width: int = 70) -> list[tuple[str, bool]]:
+    """The terminal table, one line per check, as ``(line, is_failure)``; then the image
+    folders of failed checks."""
+    header = ("test", "metric", "backbone", "value", "baseline ± tol / threshold", "delta", "verdict")
+    table: list[tuple[tuple[str, ...], bool]] = [(header, False)]
+    for row in rows:
+        test = str(row.get("test"))
+        if len(test) > max_test_width:  # keep the end: the test name and its parameters
+            test = "..." + test[-(max_test_width - 3):]
+        table.append(((test, str(row.get("metric")), str(row.get("backbone")), _fmt(row.get("value")),
+                       reference(row), _signed(row.get("delta")), str(row.get("verdict"))), failed(row)))
+    widths = [min(max_test_width if i == 0 else 40, max(len(cells[i]) for cells, _ in table))
+              for i in range(len(header))]
+    lines = [("  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(cells)).rstrip(), bad)
+             for cells, bad in table]
+    seen: set[str] = set()
+    for row in rows:
+        folder = row.get("images")
+        if folder and failed(row) and folder not in seen:
+            seen.add(folder)
+            lines.append((f"images of {row['test']}: {folder}", False))
+    return lines
 
 
 def format_summary(rows: list[dict[str, Any]]) -> list[str]:
     """One line per metric check: test, metric, backbone, value, reference, delta, verdict."""
-    header = ("test", "metric", "backbone", "value", "baseline±tol / threshold", "delta", "verdict")
-    table = [header]
-    for row in rows:
-        if row.get("baseline") is not None:
-            reference = f"{_fmt(row['baseline'])} ± {_fmt(row['tolerance'])}"
-        elif row.get("threshold") is not None:
-            reference = (">= " if row["higher_is_better"] else "< ") + _fmt(row["threshold"])
-        else:
-            reference = "-"
-        table.append((row["test"], row["metric"], row["backbone"], _fmt(row["value"]), reference,
-                      _fmt(row.get("delta")), row["verdict"]))
-    widths = [min(60, max(len(str(r[i])) for r in table)) for i in range(len(header))]
-    lines = ["  ".join(str(cell)[: widths[i]].ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in table]
-    failed = [row for row in rows if row.get("images")]
-    lines += [f"images of {row['test']} ({row['metric']}): {row['images']}" for row in failed]
-    return lines
+    return [line for line, _ in summary_lines(rows)]
+
+
+# --------------------------------------------------------------------------- metrics.json
+
+
+def baseline_entry(check: Any, provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored entry of one metric that a run with ``provenance`` is compared with: the
+    entry itself (one per metric), or the best match of its per-hardware entries."""
+    if not isinstance(check, dict):
+        return None
+    if isinstance(check.get("hardware"), dict):
+        try:
+            from .baselines import hardware_key, select_entry
+        except ImportError:  # a layout this version does not know: no per-sample baseline
+            return None
+        _, entry = select_entry(check, hardware_key(provenance))
+        return entry if isinstance(entry, dict) else None
+    return check if "value" in check else None
+
+
+class _BaselineSamples:
+    """Per-sample values of the stored baselines rows were compared with (read once each)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, dict[str, Any] | None] = {}
+
+    def get(self, row: dict[str, Any]) -> dict[str, float]:
+        path = row.get("baseline_file")
+        if not path or row.get("baseline") is None or row.get("verdict") == "recorded":
+            return {}
+        if path not in self._files:
+            try:
+                self._files[path] = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self._files[path] = None
+        data = self._files[path]
+        checks = data.get("checks") if isinstance(data, dict) else None
+        entry = baseline_entry(checks.get(row.get("metric")) if isinstance(checks, dict) else None,
+                               row.get("provenance") or {})
+        if entry is None:
+            return {}
+        try:
+            return {f"{s['seed']}|{s['prompt']}": float(s["value"]) for s in entry.get("samples", [])}
+        except (KeyError, TypeError, ValueError):
+            return {}
+
+
+def samples(row: dict[str, Any], baseline: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The check's per-sample values with prompt and seed (and the baseline's, when known)."""
+    values, prompts, seeds = row.get("per_sample"), row.get("prompts"), row.get("seeds")
+    if not values or not prompts or not seeds or not (len(values) == len(prompts) == len(seeds)):
+        return []
+    out = []
+    for prompt, seed, value in zip(prompts, seeds, values):
+        sample: dict[str, Any] = {"prompt": prompt, "seed": seed, "value": value}
+        old = (baseline or {}).get(f"{seed}|{prompt}")
+        if old is not None:
+            sample["baseline"] = old
+            sample["change"] = value - old
+        out.append(sample)
+    return out
+
+
+_CHECK_KEYS = ("test", "metric", "backbone", "value", "higher_is_better", "verdict", "threshold", "baseline",
+               "tolerance", "delta", "baseline_file", "images", "details", "provenance")
+
+
+def check_record(row: dict[str, Any], baselines: _BaselineSamples | None = None) -> dict[str, Any]:
+    """One check as ``metrics.json`` stores it."""
+    record = {key: row.get(key) for key in _CHECK_KEYS}
+    record["passed"] = not failed(row)
+    record["samples"] = samples(row, baselines.get(row) if baselines else None)
+    return record
+
+
+def session_document(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+                     outcomes: dict[str, str] | None = None) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the session, one entry per test and per check."""
+    outcomes = outcomes or {}
+    baselines = _BaselineSamples()
+    tests = ordered_tests(rows, outcomes)
+    checks = [check_record(row, baselines) for _, test_rows in tests for row in test_rows]
+    return {
+        "format_version": FORMAT_VERSION,
+        **(meta or {}),
+        "summary": {
+            "tests": len(tests),
+            "failed_tests": sum(is_test_failed(r, outcomes.get(t)) for t, r in tests),
+            "checks": len(checks),
+            "failed_checks": sum(not c["passed"] for c in checks),
+        },
+        "tests": [{"test": t, "failed": is_test_failed(r, outcomes.get(t)), "outcome": outcomes.get(t),
+                   "checks": [c["metric"] for c in r]} for t, r in tests],
+        "checks": checks,
+    }
+
+
+# --------------------------------------------------------------------------- GitHub step summary
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def step_summary(rows: list[dict[str, Any]], *, report: Path | None = None, results_dir: Path | None = None,
+                 outcomes: dict[str, str] | None = None) -> str:
+    """A markdown table of the checks for ``$GITHUB_STEP_SUMMARY``."""
+    tests = ordered_tests(rows, outcomes)
+    bad_checks = sum(failed(r) for r in rows)
+    bad_tests = sum(is_test_failed(r, (outcomes or {}).get(t)) for t, r in tests)
+    lines = [f"### pytest-diffeval: {bad_checks} of {len(rows)} metric checks failed "
+             f"({bad_tests} of {len(tests)} tests)", "",
+             "| | test | metric | value | baseline ± tol / threshold | delta | verdict |",
+             "|---|---|---|---:|---|---:|---|"]
+    ordered = [row for _, test_rows in tests for row in sorted(test_rows, key=lambda r: not failed(r))]
+    for row in ordered[:STEP_SUMMARY_MAX_ROWS]:
+        mark = ":x:" if failed(row) else ":white_check_mark:"
+        lines.append(f"| {mark} | `{_md(row.get('test'))}` | {_md(row.get('metric'))} | {_fmt(row.get('value'))} | "
+                     f"{_md(reference(row))} | {_signed(row.get('delta'))} | {_md(row.get('verdict'))} |")
+    if len(ordered) > STEP_SUMMARY_MAX_ROWS:
+        lines.append(f"\n... and {len(ordered) - STEP_SUMMARY_MAX_ROWS} more checks (see metrics.json)")
+    if report or results_dir:
+        lines += ["", f"HTML report: `{report}`; images and `metrics.json`: `{results_dir}` "
+                      "(the workflow uploads it as an artifact)."]
+    return "\n".join(lines) + "\n\n"
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+@dataclass
+class _Image:
+    prompt: str | None
+    seed: int | None
+    uri: str
+    width: int
+    height: int
+    file: str
+
+
+@dataclass
+class _ImageFolder:
+    path: Path
+    images: list[_Image] = field(default_factory=list)
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _data_uri(file: Path) -> tuple[str, int, int]:
+    """The image as a data URI (downscaled when large) and its embedded size."""
+    from PIL import Image
+
+    raw = file.read_bytes()
+    with Image.open(io.BytesIO(raw)) as image:
+        width, height = image.size
+        if max(width, height) <= THUMBNAIL_MAX and image.format == "PNG":
+            return "data:image/png;base64," + base64.b64encode(raw).decode("ascii"), width, height
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_MAX, THUMBNAIL_MAX), Image.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=88)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), *image.size
+
+
+def load_image_folder(folder: str | Path) -> _ImageFolder:
+    """The images ``ImageSet.save`` wrote to ``folder`` (listed by its ``samples.json``)."""
+    path = Path(folder)
+    result = _ImageFolder(path)
+    try:
+        listing = json.loads((path / "samples.json").read_text(encoding="utf-8"))
+        entries = listing.get("samples", [])
+        result.call_kwargs = listing.get("call_kwargs") or {}
+    except (OSError, ValueError, AttributeError):
+        entries = [{"file": p.name, "prompt": None, "seed": None}
+                   for p in sorted(path.glob("[0-9][0-9][0-9][0-9]_*.png"))]
+    for entry in entries:
+        try:
+            uri, width, height = _data_uri(path / entry["file"])
+        except (OSError, KeyError, ValueError) as exc:
+            result.error = f"{path / str(entry.get('file'))}: {exc}"
+            continue
+        result.images.append(_Image(entry.get("prompt"), entry.get("seed"), uri, width, height, entry["file"]))
+    if not entries:
+        result.error = f"no images found in {path}"
+    return result
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _verdict_class(verdict: str) -> str:
+    if verdict not in PASSING:
+        return "bad"
+    return {"improved": "better", "recorded": "recorded"}.get(verdict, "ok")
+
+
+def _badge(verdict: str) -> str:
+    return f'<span class="badge {_verdict_class(verdict)}">{_e(verdict)}</span>'
+
+
+def _anchor(test: str) -> str:
+    digest = hashlib.sha1(test.encode()).hexdigest()[:8]
+    return "t-" + re.sub(r"[^A-Za-z0-9_-]+", "-", test).strip("-")[:80] + "-" + digest
+
+
+def per_prompt(row: dict[str, Any], baseline: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Mean over seeds per prompt (and the baseline's), worst first: by the change against
+    the baseline when there is one, else by the value."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for sample in samples(row, baseline):
+        group = groups.setdefault(sample["prompt"], {"value": [], "baseline": [], "seeds": []})
+        group["value"].append(sample["value"])
+        group["seeds"].append(sample["seed"])
+        if "baseline" in sample:
+            group["baseline"].append(sample["baseline"])
+    higher = bool(row.get("higher_is_better", True))
+    out = []
+    for prompt, g in groups.items():
+        entry: dict[str, Any] = {"prompt": prompt, "n": len(g["value"]), "seeds": g["seeds"],
+                                 "value": sum(g["value"]) / len(g["value"])}
+        if len(g["baseline"]) == len(g["value"]):
+            entry["baseline"] = sum(g["baseline"]) / len(g["baseline"])
+            entry["change"] = entry["value"] - entry["baseline"]
+        out.append(entry)
+    by_change = all("change" in e for e in out) and bool(out)
+    sign = 1.0 if higher else -1.0
+    out.sort(key=lambda e: sign * (e["change"] if by_change else e["value"]))
+    return out
+
+
+def _check_card(row: dict[str, Any], baselines: _BaselineSamples) -> str:
+    verdict = str(row.get("verdict"))
+    direction = "higher is better" if row.get("higher_is_better", True) else "lower is better"
+    facts = [("value", _fmt(row.get("value"))), ("baseline ± tol / threshold", reference(row))]
+    if row.get("delta") is not None:
+        facts.append(("delta", _signed(row.get("delta"))))
+    facts.append(("backbone", row.get("backbone")))
+    prompts = per_prompt(row, baselines.get(row))
+    parts = [f'<div class="check {_verdict_class(verdict)}" data-metric="{_e(row.get("metric"))}" '
+             f'data-verdict="{_e(verdict)}">',
+             f'<div class="check-head"><span class="metric">{_e(row.get("metric"))}</span> {_badge(verdict)}'
+             f'<span class="muted"> {direction}</span></div>',
+             '<dl class="facts">' + "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in facts) + "</dl>"]
+    if row.get("baseline_file"):
+        parts.append(f'<div class="muted small">baseline file: <code>{_e(row["baseline_file"])}</code></div>')
+    if prompts:
+        has_base = all("baseline" in p for p in prompts)
+        order = "change against the baseline" if has_base else "value"
+        head = "<tr><th>prompt</th><th>seeds</th><th>this run</th>" + \
+               ("<th>baseline</th><th>change</th>" if has_base else "") + "</tr>"
+        body = []
+        for p in prompts:
+            cells = [f'<td class="prompt">{_e(p["prompt"])}</td>', f'<td class="num">{p["n"]}</td>',
+                     f'<td class="num">{_fmt(p["value"])}</td>']
+            if has_base:
+                worse = (p["change"] < 0) == bool(row.get("higher_is_better", True)) and p["change"] != 0
+                cells += [f'<td class="num">{_fmt(p["baseline"])}</td>',
+                          f'<td class="num {"neg" if worse else "pos"}">{_signed(p["change"])}</td>']
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append(f'<table class="per-prompt"><caption>per prompt, mean over seeds, worst {_e(order)} first'
+                     f'</caption><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _display_width(width: int) -> int:
+    if width >= DISPLAY_MIN:
+        return min(width, 256)
+    return width * math.ceil(DISPLAY_MIN / max(width, 1))
+
+
+def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _BaselineSamples) -> str:
+    """The folder's images, one row per prompt (worst prompt first), one column per seed."""
+    per_sample: list[tuple[dict[str, Any], dict[tuple[int | None, str | None], dict[str, Any]]]] = []
+    for row in checks:
+        values = {(s["seed"], s["prompt"]): s for s in samples(row, baselines.get(row))}
+        if values:
+            per_sample.append((row, values))
+    prompt_order: list[str | None] = []
+    primary = next((r for r, _ in per_sample if failed(r)), per_sample[0][0] if per_sample else None)
+    if primary is not None:
+        prompt_order = [p["prompt"] for p in per_prompt(primary, baselines.get(primary))]
+    for image in folder.images:
+        if image.prompt not in prompt_order:
+            prompt_order.append(image.prompt)
+    rows = []
+    for prompt in prompt_order:
+        figures = []
+        for image in (i for i in folder.images if i.prompt == prompt):
+            values = []
+            for row, by_key in per_sample:
+                sample = by_key.get((image.seed, image.prompt))
+                if sample is None:
+                    continue
+                change = f" ({_signed(sample['change'])})" if "change" in sample else ""
+                cls = " bad" if failed(row) else ""
+                values.append(f'<span class="v{cls}">{_e(row["metric"])} {_fmt(sample["value"])}{_e(change)}</span>')
+            label = f"seed {image.seed}" if image.seed is not None else image.file
+            figures.append(
+                f'<figure data-prompt="{_e(image.prompt)}" data-seed="{_e(image.seed)}" '
+                f'style="width:{max(_display_width(image.width), 160)}px">'
+                f'<img class="sample" src="{image.uri}" width="{_display_width(image.width)}" '
+                f'alt="{_e(prompt)} (seed {_e(image.seed)})" '
+                f'title="{_e(prompt)} | seed {_e(image.seed)} | {_e(image.file)}">'
+                f'<figcaption><b>{_e(label)}</b>{"".join(values)}</figcaption></figure>')
+        rows.append(f'<div class="prompt-row"><div class="prompt-label">{_e(prompt if prompt is not None else "")}'
+                    f'</div><div class="figures">{"".join(figures)}</div></div>')
+    note = f'<div class="muted small">{_e(folder.error)}</div>' if folder.error else ""
+    return (f'<div class="grid"><div class="muted small">images: <code>{_e(folder.path)}</code> '
+            f"(full-size PNGs and grid.png)</div>{''.join(rows)}{note}</div>")
+
+
+def _shows(row: dict[str, Any], folder: _ImageFolder) -> bool:
+    """Whether ``row`` measured the images in ``folder`` (its own, or unsaved ones of the same samples)."""
+    if row.get("images"):
+        return Path(row["images"]) == folder.path
+    return [(i.prompt, i.seed) for i in folder.images] == list(zip(row.get("prompts") or [], row.get("seeds") or []))
+
+
+def _provenance(rows: list[dict[str, Any]], call_kwargs: dict[str, Any]) -> str:
+    provenance = next((r["provenance"] for r in rows if r.get("provenance")), None)
+    if not provenance and not call_kwargs:
+        return ""
+    items = []
+    for key in ("model", "model_hash", "revision", "pipeline_class", "scheduler", "dtype", "device_kind"):
+        if provenance and provenance.get(key) is not None:
+            items.append((key, provenance[key]))
+    if call_kwargs:
+        items.append(("call kwargs", json.dumps(call_kwargs, sort_keys=True)))
+    versions = (provenance or {}).get("versions") or {}
+    if versions:
+        items.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    body = "".join(f"<div><dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd></div>" for k, v in items)
+    return f'<details class="provenance"><summary>provenance</summary><dl>{body}</dl></details>'
+
+
+_CSS = """
+:root{--bad:#c0392b;--bad-bg:#fdecea;--ok:#1e8449;--ok-bg:#e8f6ee;--better:#1f618d;--better-bg:#e8f1fa;
+--rec:#6c5b7b;--rec-bg:#f1edf5;--ink:#1c2331;--muted:#6b7280;--line:#e3e6eb;--card:#fff;--bg:#f4f5f7}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 "DejaVu Sans","Liberation Sans",system-ui,sans-serif}
+header{background:var(--ink);color:#fff;padding:14px 24px;display:flex;flex-wrap:wrap;align-items:center;gap:8px 24px}
+header h1{font-size:18px;margin:0;font-weight:600}
+header .stats{display:flex;gap:10px;flex-wrap:wrap}
+header .stat{background:rgba(255,255,255,.1);border-radius:6px;padding:2px 10px}
+header .stat.bad{background:var(--bad)}
+header label{margin-left:auto;cursor:pointer;user-select:none;background:rgba(255,255,255,.12);padding:4px 10px;border-radius:6px}
+main{padding:16px 24px 40px;max-width:1400px}
+.meta{color:var(--muted);font-size:12px;margin-bottom:12px}
+table{border-collapse:collapse}
+table.summary{width:100%;background:var(--card);border:1px solid var(--line);border-radius:8px;margin-bottom:20px}
+table.summary th,table.summary td{padding:5px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+table.summary th{font-size:12px;color:var(--muted);font-weight:600;background:#fafbfc}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.test a{color:var(--ink);text-decoration:none;font-family:"DejaVu Sans Mono",monospace;font-size:12px}
+section.test{background:var(--card);border:1px solid var(--line);border-left:5px solid var(--ok);border-radius:8px;
+padding:12px 16px;margin:0 0 18px}
+section.test.failed{border-left-color:var(--bad)}
+section.test h2{font-size:15px;margin:0 0 10px;font-family:"DejaVu Sans Mono",monospace;word-break:break-all}
+.checks{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:12px}
+.check{border:1px solid var(--line);border-radius:6px;padding:8px 12px;min-width:280px;flex:1 1 320px;max-width:640px}
+.check.bad{background:#fffafa;border-color:#f3c1bb}
+.check-head{margin-bottom:6px}.metric{font-weight:700;font-size:15px;margin-right:6px}
+dl.facts{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0 0 6px}
+dl.facts dt{font-size:11px;color:var(--muted)}dl.facts dd{margin:0;font-weight:600;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600}
+.badge.bad{background:var(--bad-bg);color:var(--bad)}.badge.ok{background:var(--ok-bg);color:var(--ok)}
+.badge.better{background:var(--better-bg);color:var(--better)}.badge.recorded{background:var(--rec-bg);color:var(--rec)}
+table.per-prompt{margin-top:6px;font-size:12px;width:100%}
+table.per-prompt caption{text-align:left;color:var(--muted);font-size:11px;padding-bottom:2px}
+table.per-prompt th{color:var(--muted);font-weight:600;text-align:left;border-bottom:1px solid var(--line);padding:2px 6px}
+table.per-prompt td{padding:2px 6px;border-bottom:1px solid #f0f1f3}
+td.prompt{max-width:320px}.neg{color:var(--bad);font-weight:600}.pos{color:var(--ok)}
+.grid{border-top:1px solid var(--line);padding-top:8px}
+.prompt-row{display:flex;gap:12px;align-items:flex-start;padding:6px 0;border-bottom:1px dashed var(--line)}
+.prompt-label{width:200px;flex:none;font-size:12px;font-style:italic}
+.figures{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;font-size:11px;color:var(--muted)}
+figure b{color:var(--ink);display:block}
+figcaption{overflow-wrap:anywhere}figcaption .v{display:block;font-variant-numeric:tabular-nums}figcaption .v.bad{color:var(--bad)}
+img.sample{display:block;height:auto;image-rendering:pixelated;border:1px solid var(--line);border-radius:3px;background:#ddd}
+details.provenance{margin-top:8px;font-size:12px}details.provenance summary{cursor:pointer;color:var(--muted)}
+details.provenance dl{margin:6px 0 0}details.provenance dt{float:left;clear:left;width:110px;color:var(--muted)}
+details.provenance dd{margin:0 0 2px 120px;word-break:break-all}
+.muted{color:var(--muted)}.small{font-size:11px;margin:2px 0}.small code{word-break:break-all}
+body.failed-only .passed{display:none}
+"""
+
+# The page writes what it rendered into attributes of <html>, so a headless browser's
+# --dump-dom shows it (tests/test_report.py): images decoded with their natural sizes,
+# and the tests the filter leaves visible.  "#failed-only" in the URL turns the filter on.
+_JS = """
+(function () {
+  var root = document.documentElement, box = document.getElementById('failed-only');
+  function visible() {
+    var out = [];
+    document.querySelectorAll('section.test').forEach(function (s) {
+      if (getComputedStyle(s).display !== 'none') out.push(s.getAttribute('data-test'));
+    });
+    root.setAttribute('data-visible-tests', JSON.stringify(out));
+  }
+  function apply() {
+    document.body.classList.toggle('failed-only', box.checked);
+    root.setAttribute('data-filter', box.checked ? 'failed-only' : 'all');
+    visible();
+  }
+  box.addEventListener('change', function () {
+    history.replaceState(null, '', box.checked ? '#failed-only' : '#');
+    apply();
+  });
+  if (location.hash === '#failed-only') box.checked = true;
+  apply();
+  function measure() {
+    var images = Array.prototype.slice.call(document.images);
+    var ok = images.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; });
+    root.setAttribute('data-images-total', images.length);
+    root.setAttribute('data-images-rendered', ok.length);
+    root.setAttribute('data-images-min-natural', ok.length ? Math.min.apply(null, ok.map(function (i) {
+      return Math.min(i.naturalWidth, i.naturalHeight); })) : 0);
+    root.setAttribute('data-render-check', 'done');
+  }
+  Promise.all(Array.prototype.map.call(document.images, function (i) {
+    return i.decode ? i.decode().catch(function () {}) : null;
+  })).then(measure);
+  window.addEventListener('load', measure);
+})();
+"""
+
+
+def render_html(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+                outcomes: dict[str, str] | None = None) -> str:
+    """The self-contained HTML page for the session's checks."""
+    meta = meta or {}
+    outcomes = outcomes or {}
+    baselines = _BaselineSamples()
+    tests = ordered_tests(rows, outcomes)
+    n_failed_tests = sum(is_test_failed(r, outcomes.get(t)) for t, r in tests)
+    n_failed_checks = sum(failed(r) for r in rows)
+
+    summary = ["<table class='summary'><thead><tr><th>test</th><th>metric</th><th>backbone</th>"
+               "<th class='num'>value</th><th>baseline ± tol / threshold</th><th class='num'>delta</th>"
+               "<th>verdict</th></tr></thead><tbody>"]
+    sections = []
+    for test, checks in tests:
+        status = "failed" if is_test_failed(checks, outcomes.get(test)) else "passed"
+        anchor = _anchor(test)
+        for row in checks:
+            summary.append(f"<tr class='{status}' data-test='{_e(test)}'><td class='test'>"
+                           f"<a href='#{anchor}'>{_e(test)}</a></td><td>{_e(row.get('metric'))}</td>"
+                           f"<td class='muted'>{_e(row.get('backbone'))}</td>"
+                           f"<td class='num'>{_fmt(row.get('value'))}</td><td>{_e(reference(row))}</td>"
+                           f"<td class='num'>{_signed(row.get('delta'))}</td>"
+                           f"<td>{_badge(str(row.get('verdict')))}</td></tr>")
+        folders: list[_ImageFolder] = []
+        for folder in dict.fromkeys(r["images"] for r in checks if r.get("images")):
+            folders.append(load_image_folder(folder))
+        grids = "".join(_image_grid(f, [r for r in checks if _shows(r, f)], baselines) for f in folders)
+        if not folders:
+            grids = ('<div class="muted small">images of passing checks are not kept; run with '
+                     '<code>--diffeval-results-always</code> to see them</div>')
+        cards = "".join(_check_card(r, baselines) for r in sorted(checks, key=lambda r: not failed(r)))
+        outcome = outcomes.get(test)
+        note = f' <span class="muted small">pytest: {_e(outcome)}</span>' if outcome else ""
+        sections.append(
+            f'<section class="test {status}" id="{anchor}" data-test="{_e(test)}" data-status="{status}">'
+            f'<h2>{_badge("failed" if status == "failed" else "pass")} {_e(test)}{note}</h2>'
+            f'<div class="checks">{cards}</div>{grids}'
+            f'{_provenance(checks, folders[0].call_kwargs if folders else {})}</section>')
+    summary.append("</tbody></table>")
+
+    info = " · ".join(_e(f"{k}: {v}") for k, v in (
+        ("created", meta.get("created")), ("pytest exit status", meta.get("exitstatus")),
+        ("rootdir", meta.get("rootdir")), ("args", " ".join(meta.get("args") or [])),
+        ("workers", meta.get("workers")), ("pytest-diffeval", meta.get("pytest_diffeval"))) if v not in (None, ""))
+    bad = " bad" if n_failed_checks else ""
+    return f"""<!DOCTYPE html>
+<html lang="en" data-render-check="pending">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pytest-diffeval report: {n_failed_tests} of {len(tests)} tests failed</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header>
+<h1>pytest-diffeval report</h1>
+<div class="stats"><span class="stat{bad}">{n_failed_tests} of {len(tests)} tests failed</span>
+<span class="stat{bad}">{n_failed_checks} of {len(rows)} metric checks failed</span></div>
+<label><input type="checkbox" id="failed-only"> show only failed tests</label>
+</header>
+<main>
+<div class="meta">{info}</div>
+{"".join(summary)}
+{"".join(sections)}
+</main>
+<script>{_JS}</script>
+</body>
+</html>
+"""
+
+
+# --------------------------------------------------------------------------- session outputs
+
+
+@dataclass
+class Outputs:
+    """What :func:`write_outputs` wrote (and what it could not)."""
+
+    metrics: Path | None = None
+    report: Path | None = None
+    step_summary: Path | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def write_outputs(rows: list[dict[str, Any]], *, results_dir: Path, report: Path, meta: dict[str, Any],
+                  outcomes: dict[str, str] | None = None, step_summary_file: str | None = None) -> Outputs:
+    """Write ``metrics.json``, the HTML report and the step summary (when asked); a file that
+    cannot be written is an error message, not an exception (the test results stand)."""
+    out = Outputs()
+    meta = {**meta, "results_dir": str(results_dir), "report": str(report)}
+    try:
+        document = session_document(rows, meta, outcomes)
+        out.metrics = results_dir / "metrics.json"
+        atomic_write_text(out.metrics, json.dumps(document, indent=2) + "\n")
+    except OSError as exc:
+        out.errors.append(f"could not write {results_dir / 'metrics.json'}: {exc}")
+        out.metrics = None
+    try:
+        atomic_write_text(report, render_html(rows, meta, outcomes))
+        out.report = report
+    except OSError as exc:
+        out.errors.append(f"could not write the HTML report {report}: {exc}")
+    if step_summary_file:
+        try:
+            with open(step_summary_file, "a", encoding="utf-8") as handle:
+                handle.write(step_summary(rows, report=out.report, results_dir=results_dir, outcomes=outcomes))
+            out.step_summary = Path(step_summary_file)
+        except OSError as exc:
+            out.errors.append(f"could not append to GITHUB_STEP_SUMMARY {step_summary_file}: {exc}")
+    return out

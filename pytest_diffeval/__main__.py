@@ -1,0 +1,55 @@
+"""``python -m pytest_diffeval``: review stored baselines.
+
+    python -m pytest_diffeval baselines list [DIR]        # what is stored (default: ./baselines)
+    python -m pytest_diffeval baselines diff A B [--top N] # which numbers moved, and which samples
+
+A and B are baseline files or folders, or results directories of a run (their
+``metrics.json``).  Exit status 0; 2 for input that cannot be read (the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .review import ReviewError, diff, list_entries, load
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pytest_diffeval",
+                                     description="Review pytest-diffeval baselines and results.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    baselines = commands.add_parser("baselines", help="list or diff stored baselines",
+                                    description="List or diff stored baselines.")
+    actions = baselines.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="list stored baselines: test, metric, value, samples, provenance")
+    listing.add_argument("dir", nargs="?", default="baselines",
+                         help="baseline folder or file (default: ./baselines)")
+    compare = actions.add_parser("diff", help="old value, new value and delta per test and metric, "
+                                              "with the samples that moved most")
+    compare.add_argument("a", help="old: baseline file or folder, or a results directory / metrics.json")
+    compare.add_argument("b", help="new: baseline file or folder, or a results directory / metrics.json")
+    compare.add_argument("--top", type=int, default=5, help="samples to show per metric (default 5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.action == "list":
+            source = load(args.dir, keep_going=True)
+            list_entries(source, sys.stdout)
+            for error in source.errors:
+                print(f"error: {error}", file=sys.stderr)
+            return 2 if source.errors else 0
+        diff(load(args.a), load(args.b), sys.stdout, top=max(0, args.top))
+        return 0
+    except ReviewError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Reviewing baselines: list what is stored, and diff two sets of numbers (two baseline
+files or folders, or a baseline folder and a results directory's ``metrics.json``), so a
+reviewer of a baseline update sees which numbers moved and which samples moved most.
+
+``python -m pytest_diffeval baselines list [DIR]`` and ``... baselines diff A B`` (see
+``__main__``).  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+
+class ReviewError(Exception):
+    """Input that cannot be read; the message names the file."""
+
+
+@dataclass
+class Entry:
+    """One stored number: a metric of a test (on one hardware, for per-hardware baselines)."""
+
+    test: str
+    metric: str
+    hardware: str
+    value: float
+    backbone: str | None = None
+    higher_is_better: bool = True
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<seed>|<prompt>" -> prompt, seed, value
+    recorded: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    verdict: str | None = None  # results only
+    source: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.test, self.metric, self.hardware
+
+
+@dataclass
+class Source:
+    """What a path held: baseline files or a results directory, and their entries."""
+
+    path: Path
+    kind: str  # "baselines" or "results"
+    entries: list[Entry] = field(default_factory=list)
+    files: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = ("results of a run" if self.kind == "results"
+                else f"{self.files} baseline file{'s' if self.files != 1 else ''}")
+        return f"{self.path} ({what}, {len(self.entries)} entries)"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _hardware(provenance: dict[str, Any]) -> str:
+    try:
+        from .baselines import hardware_key
+    except ImportError:  # baselines without per-hardware entries
+        return "-"
+    return hardware_key(provenance or {})
+
+
+def _samples(raw: Any, where: str) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise ReviewError(f"{where}: 'samples' is not a list")
+    out = {}
+    for sample in raw:
+        try:
+            out[f"{sample['seed']}|{sample['prompt']}"] = {"prompt": str(sample["prompt"]), "seed": sample["seed"],
+                                                          "value": float(sample["value"])}
+        except (KeyError, TypeError, ValueError):
+            raise ReviewError(f"{where}: a sample lacks prompt, seed or a numeric value: {sample!r}") from None
+    return out
+
+
+def _entry(test: str, metric: str, record: Any, where: str, hardware: str | None = None) -> Entry:
+    if not isinstance(record, dict) or "value" not in record:
+        raise ReviewError(f"{where}: the entry for {metric!r} has no 'value'")
+    try:
+        value = float(record["value"])
+    except (TypeError, ValueError):
+        raise ReviewError(f"{where}: the value of {metric!r} is not a number: {record['value']!r}") from None
+    provenance = record.get("provenance") if isinstance(record.get("provenance"), dict) else {}
+    return Entry(test=test, metric=metric, hardware=hardware or _hardware(provenance), value=value,
+                 backbone=record.get("backbone"), higher_is_better=bool(record.get("higher_is_better", True)),
+                 samples=_samples(record.get("samples"), f"{where} ({metric})"), recorded=record.get("recorded"),
+                 provenance=provenance, verdict=record.get("verdict"), source=where)
+
+
+def read_baseline(path: Path) -> list[Entry]:
+    """The entries of one baseline file (either layout: one entry per metric, or per hardware)."""
+    from .baselines import read_baseline_file
+
+    try:
+        data = read_baseline_file(path)
+    except OSError as exc:
+        raise ReviewError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReviewError(f"{path}: {exc}") from None
+    test = str(data.get("test") or path.stem)
+    entries = []
+    for metric, check in sorted(data["checks"].items()):
+        if isinstance(check, dict) and isinstance(check.get("hardware"), dict):
+            for hardware, record in sorted(check["hardware"].items()):
+                entries.append(_entry(test, metric, record, str(path), hardware))
+        else:
+            entries.append(_entry(test, metric, check, str(path)))
+    return entries
+
+
+def read_results(path: Path) -> list[Entry]:
+    """The checks of a results directory's ``metrics.json``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ReviewError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReviewError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checks"), list):
+        raise ReviewError(f"{path}: not a pytest-diffeval metrics.json (no 'checks' list)")
+    from .report import FORMAT_VERSION
+
+    if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
+        raise ReviewError(f"{path}: format_version {data.get('format_version')!r} is not one this "
+                          f"pytest-diffeval reads ({FORMAT_VERSION}); upgrade pytest-diffeval")
+    entries, seen = [], set()
+    for check in data["checks"]:
+        if not isinstance(check, dict) or "test" not in check or "metric" not in check:
+            raise ReviewError(f"{path}: a check lacks 'test' or 'metric'")
+        if check.get("value") is None:
+            continue
+        entry = _entry(str(check["test"]), str(check["metric"]), check, str(path))
+        base, n = entry.metric, 1
+        while entry.key in seen:  # the same metric checked twice in one test: metric#2, ...
+            n += 1
+            entry.metric = f"{base}#{n}"
+        seen.add(entry.key)
+        entries.append(entry)
+    return entries
+
+
+def load(path: str | Path, *, keep_going: bool = False) -> Source:
+    """Read a baseline file or folder, a results directory or its ``metrics.json``.
+    With ``keep_going`` an unreadable baseline file is an error in ``Source.errors``;
+    otherwise it raises :class:`ReviewError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ReviewError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "metrics.json").is_file():
+            return Source(path, "results", read_results(path / "metrics.json"), 1)
+        files = sorted(p for p in path.rglob("*.json") if not p.name.startswith("."))
+        if not files:
+            raise ReviewError(f"{path}: holds no baseline files (*.json) and no metrics.json")
+        source = Source(path, "baselines", files=len(files))
+        for file in files:
+            try:
+                source.entries += read_baseline(file)
+            except ReviewError as exc:
+                if not keep_going:
+                    raise
+                source.errors.append(str(exc))
+        return source
+    try:
+        head = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ReviewError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReviewError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(head, dict) and isinstance(head.get("checks"), list):
+        return Source(path, "results", read_results(path), 1)
+    return Source(path, "baselines", read_baseline(path), 1)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:#.4g}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+#.4g}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in [header, *rows]]
+
+
+def model_summary(provenance: dict[str, Any]) -> str:
+    """``tiny-sd (hash 1a2b3c4d5e) StableDiffusionPipeline float32 cpu``: which model and how."""
+    if not provenance:
+        return "-"
+    model = str(provenance.get("model") or "?")
+    if "/" in model and (model.startswith(("/", ".", "~")) or provenance.get("model_kind") in {"local", "path"}):
+        model = Path(model).name or model  # a local folder: its name says enough
+    parts = [model]
+    identity = provenance.get("model_hash") or provenance.get("revision")
+    if identity and identity != "unknown":
+        parts.append(f"({str(identity)[:10]})")
+    parts += [str(provenance[k]).replace("torch.", "") for k in ("pipeline_class", "dtype", "device_kind")
+              if provenance.get(k)]
+    return " ".join(parts)
+
+
+def list_entries(source: Source, out: TextIO) -> None:
+    """Print the stored baselines, one line per entry."""
+    out.write(f"baselines in {source.describe()}\n")
+    rows = [(e.test, e.metric, e.hardware, str(e.backbone or "-"), _fmt(e.value), str(len(e.samples) or "-"),
+             e.recorded or "-", model_summary(e.provenance))
+            for e in sorted(source.entries, key=lambda e: e.key)]
+    for line in _table(("test", "metric", "hardware", "backbone", "value", "n", "recorded", "model"), rows):
+        out.write(line + "\n")
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass
+class Change:
+    """One number in A and B (or in one of them)."""
+
+    old: Entry | None
+    new: Entry | None
+
+    @property
+    def entry(self) -> Entry:
+        return self.new or self.old  # type: ignore[return-value]
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.old is None or self.new is None else self.new.value - self.old.value
+
+    @property
+    def direction(self) -> str:
+        delta = self.delta
+        if delta is None:
+            return "added" if self.old is None else "removed"
+        if abs(delta) <= 1e-12 * max(1.0, abs(self.old.value)):  # type: ignore[union-attr]
+            return "unchanged"
+        return "better" if (delta > 0) == self.entry.higher_is_better else "worse"
+
+
+def pair(a: Iterable[Entry], b: Iterable[Entry]) -> list[Change]:
+    """Match entries by (test, metric, hardware); an entry left alone on each side of the same
+    (test, metric) is paired too (a run on other hardware than the baseline's)."""
+    old = {e.key: e for e in a}
+    new = {e.key: e for e in b}
+    changes = [Change(old.pop(k), new.pop(k)) for k in list(old) if k in new]
+    by_metric_old: dict[tuple[str, str], list[Entry]] = {}
+    by_metric_new: dict[tuple[str, str], list[Entry]] = {}
+    for e in old.values():
+        by_metric_old.setdefault((e.test, e.metric), []).append(e)
+    for e in new.values():
+        by_metric_new.setdefault((e.test, e.metric), []).append(e)
+    for key, olds in by_metric_old.items():
+        news = by_metric_new.get(key, [])
+        if len(olds) == 1 and len(news) == 1:
+            changes.append(Change(olds[0], news[0]))
+            old.pop(olds[0].key)
+            new.pop(news[0].key)
+    changes += [Change(e, None) for e in old.values()] + [Change(None, e) for e in new.values()]
+    return sorted(changes, key=lambda c: (c.entry.test, c.entry.metric, c.entry.hardware))
+
+
+_PROVENANCE_KEYS = ("model", "model_hash", "revision", "pipeline_class", "scheduler", "dtype", "device_kind")
+
+
+def _notes(old: Entry, new: Entry) -> list[str]:
+    notes = []
+    if old.hardware != new.hardware:
+        notes.append(f"hardware: {old.hardware} -> {new.hardware}")
+    if old.backbone != new.backbone:
+        notes.append(f"backbone: {old.backbone} -> {new.backbone} (values are not comparable)")
+    for key in _PROVENANCE_KEYS:
+        a, b = old.provenance.get(key), new.provenance.get(key)
+        if a != b and (a is not None or b is not None):
+            notes.append(f"{key}: {a} -> {b}")
+    va, vb = old.provenance.get("versions") or {}, new.provenance.get("versions") or {}
+    moved = [f"{k} {va.get(k)} -> {vb.get(k)}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+    if moved:
+        notes.append("versions: " + ", ".join(moved))
+    return notes
+
+
+def moved_samples(old: Entry, new: Entry, top: int) -> tuple[list[dict[str, Any]], int, int, int]:
+    """The ``top`` samples whose value changed most (by size), the number that changed at
+    all, and the numbers of samples only in A and only in B."""
+    common = [k for k in old.samples if k in new.samples]
+    moves = [{**new.samples[k], "old": old.samples[k]["value"],
+              "change": new.samples[k]["value"] - old.samples[k]["value"]} for k in common]
+    changed = sum(1 for m in moves if m["change"] != 0)
+    moves.sort(key=lambda m: (-abs(m["change"]), m["prompt"], str(m["seed"])))
+    return ([m for m in moves if m["change"] != 0][:top], changed, len(set(old.samples) - set(new.samples)),
+            len(set(new.samples) - set(old.samples)))
+
+
+def diff(a: Source, b: Source, out: TextIO, *, top: int = 5) -> list[Change]:
+    """Print, per test and metric, the old value, the new one, the change and the samples
+    that moved most; return the changes."""
+    changes = pair(a.entries, b.entries)
+    out.write(f"A (old): {a.describe()}\nB (new): {b.describe()}\n")
+    test = None
+    for change in changes:
+        e = change.entry
+        if e.test != test:
+            test = e.test
+            out.write(f"\n{test}\n")
+        direction = "higher is better" if e.higher_is_better else "lower is better"
+        label = f"  {e.metric} [{e.hardware}] ({e.backbone or '-'}; {direction})"
+        if change.old is None or change.new is None:
+            only = "B (added)" if change.old is None else "A (removed)"
+            out.write(f"{label}: only in {only}, value {_fmt(e.value)}\n")
+            continue
+        old, new, delta = change.old, change.new, change.delta or 0.0
+        ratio = delta / abs(old.value) if old.value else math.nan
+        relative = f" ({ratio * 100:+.1f}%)" if math.isfinite(ratio) else ""
+        verdict = f"; this run's verdict: {new.verdict}" if new.verdict else ""
+        out.write(f"{label}\n    old {_fmt(old.value)}   new {_fmt(new.value)}   delta {_signed(delta)}{relative}"
+                  f"   {change.direction}{verdict}\n")
+        for note in _notes(old, new):
+            out.write(f"    note: {note}\n")
+        moves, changed, only_a, only_b = moved_samples(old, new, top)
+        if old.samples and new.samples:
+            extra = "".join(f", {n} only in {side}" for n, side in ((only_a, "A"), (only_b, "B")) if n)
+            common = len(set(old.samples) & set(new.samples))
+            out.write(f"    samples: {changed} of {common} paired (prompt, seed) samples changed{extra}\n")
+        if moves:
+            out.write("    samples that moved most (old -> new):\n")
+            for m in moves:
+                out.write(f"      {_signed(m['change']):>9}  {_fmt(m['old']):>9} -> {_fmt(m['value']):<9}"
+                          f"  seed {str(m['seed']):<4} {m['prompt']!r}\n")
+    counts: dict[str, int] = {}
+    for change in changes:
+        counts[change.direction] = counts.get(change.direction, 0) + 1
+    compared = sum(counts.get(k, 0) for k in ("worse", "better", "unchanged"))
+    out.write(f"\n{compared} compared ({counts.get('worse', 0)} worse, {counts.get('better', 0)} better, "
+              f"{counts.get('unchanged', 0)} unchanged), {counts.get('added', 0)} only in B (added), "
+              f"{counts.get('removed', 0)} only in A (removed)\n")
+    return changes

@@ -25,7 +25,13 @@ class ImageSet:
     ``images`` is uint8 ``(N, H, W, 3)``; sample ``i`` was generated from
     ``prompts[i]`` with ``seeds[i]``.  Samples are ordered prompt-major (every seed of
     the first prompt, then the next prompt), and ``(prompt, seed)`` identifies a sample
-    across runs, which is how baselines pair them.
+    across runs, which is how baselines pair them.  For pipelines without a text prompt
+    the prompts are labels: DiT's class names, Paint-by-Example's case names.
+
+    ``inputs`` holds what else conditioned each sample, aligned with ``images`` (metrics
+    read them when their option is not passed): ``source_images`` and ``exemplars`` uint8
+    ``(N, H, W, 3)``, ``masks`` uint8 ``(N, H, W)`` (255 = the region to edit),
+    ``class_labels`` (list of int), ``source_captions`` / ``target_captions`` (list of str).
     """
 
     images: np.ndarray
@@ -36,6 +42,7 @@ class ImageSet:
     test_id: str | None = None
     saved_to: Path | None = None
     nonfinite: list[bool] | None = None  # per sample: the pipeline's output held NaN/inf
+    inputs: dict[str, Any] = field(default_factory=dict)  # per sample: source images, masks, exemplars, labels...
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -44,6 +51,10 @@ class ImageSet:
             raise ValueError(
                 f"ImageSet: {len(self.images)} images, {len(self.prompts)} prompts and {len(self.seeds)} seeds must match"
             )
+        for name, value in self.inputs.items():
+            if len(value) != len(self.images):
+                raise ValueError(f"ImageSet: inputs[{name!r}] holds {len(value)} entries for {len(self.images)} images; "
+                                 "give one per image")
 
     def __repr__(self) -> str:
         h, w = self.image_size
@@ -83,11 +94,28 @@ class ImageSet:
             image.save(directory / name)
             names.append({"file": name, "prompt": prompt, "seed": seed})
         self.grid().save(directory / "grid.png")
+        self._save_inputs(directory, names)
         (directory / "samples.json").write_text(
             json.dumps({"samples": names, "call_kwargs": _jsonable(self.call_kwargs), "provenance": self.provenance}, indent=2)
         )
         self.saved_to = directory
         return directory
+
+    def _save_inputs(self, directory: Path, names: list[dict[str, Any]]) -> None:
+        """Input images as ``inputs/<index>_<kind>.png`` and text inputs in each sample's entry."""
+        from PIL import Image
+
+        for key, value in self.inputs.items():
+            if key in IMAGE_INPUTS:
+                folder = directory / "inputs"
+                folder.mkdir(exist_ok=True)
+                suffix = IMAGE_INPUTS[key][2]
+                for index, (entry, image) in enumerate(zip(names, value)):
+                    Image.fromarray(np.asarray(image)).save(folder / f"{index:04d}_{suffix}.png")
+                    entry[key] = f"inputs/{index:04d}_{suffix}.png"
+            else:
+                for entry, item in zip(names, value):
+                    entry[key] = _jsonable(item)
 
     def grid(self, columns: int | None = None, tile: int = 128) -> Any:
         """A labelled contact sheet of the images (nearest-neighbour upscaled)."""
@@ -113,7 +141,17 @@ class ImageSet:
             call_kwargs=dict(self.call_kwargs),
             provenance=dict(self.provenance),
             test_id=self.test_id,
+            nonfinite=[self.nonfinite[i] for i in indices] if self.nonfinite is not None else None,
+            inputs={k: v[list(indices)] if isinstance(v, np.ndarray) else [v[i] for i in indices]
+                    for k, v in self.inputs.items()},
         )
+
+    def by_prompt(self) -> dict[str, "ImageSet"]:
+        """One ImageSet per prompt (per class for DiT), in prompt order: for per-class metrics."""
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(self.prompts):
+            groups.setdefault(prompt, []).append(index)
+        return {prompt: self.subset(indices) for prompt, indices in groups.items()}
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -205,8 +243,8 @@ def _fingerprint(value: Any) -> Any:
 
 class ImageCache:
     """Generated images on disk, one PNG per sample, keyed by everything that determines
-    it: model content hash, pipeline class, scheduler config, every call argument, prompt,
-    seed, dtype, device kind and library versions.  Change one input and only the samples
+    it: model content hash (and a fused LoRA's), pipeline class, scheduler config, every
+    call argument and input image, prompt, seed, dtype, device kind and library versions.  Change one input and only the samples
     it affects miss.  A corrupt entry is regenerated, never trusted; writes are atomic."""
 
     def __init__(self, directory: str | Path) -> None:
@@ -219,6 +257,8 @@ class ImageCache:
             return None  # a pipeline object we cannot identify by content is never cached
         material = {k: provenance.get(k) for k in ("model_hash", "revision", "pipeline_class", "scheduler",
                                                     "scheduler_config", "dtype", "device_kind", "versions")}
+        if provenance.get("lora"):  # fused LoRA weights change the model without changing its files
+            material["lora"] = provenance["lora"]
         material.update(call_kwargs=_fingerprint(call_kwargs), prompt=prompt, seed=seed)
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=repr).encode()).hexdigest()[:32]
 
@@ -254,14 +294,178 @@ class ImageCache:
         os.replace(tmp, path)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# generate_images' image inputs: the pipeline argument each feeds, its pixel mode, a file suffix.
+IMAGE_INPUTS = {
+    "source_images": ("image", "RGB", "source"),
+    "masks": ("mask_image", "L", "mask"),
+    "exemplars": ("example_image", "RGB", "exemplar"),
+}
+_ALIASES = {"image": "source_images", "mask_image": "masks", "example_image": "exemplars"}
+# Text arguments given once (str: for every prompt) or per prompt (list), sent per sample.
+_PER_PROMPT_TEXT = ("negative_prompt", "prompt_2", "negative_prompt_2")
+# Samplers that draw noise in scheduler.step: DiTPipeline does not pass its generators to
+# step, so with these its images would come from the global RNG.
+_STOCHASTIC_SCHEDULERS = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                          "DPMSolverSDEScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler"}
+
+
+class InputError(ValueError):
+    """Inputs of a generation that do not fit the pipeline or each other (raised before
+    anything is generated)."""
+
+
+def _call_parameters(pipe: Any) -> set[str] | None:
+    """Names the pipeline's ``__call__`` takes; None when it takes only ``**kwargs``."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return None
+    names = {name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names or None
+
+
+def _to_array(item: Any, *, what: str, name: str, mode: str) -> np.ndarray:
+    """One image (PIL, path or array) as uint8 ``(H, W, 3)``, or for ``mode="L"`` a
+    binarised uint8 ``(H, W)`` mask (0 / 255)."""
+    from PIL import Image
+
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.is_file():
+            raise InputError(f"pytest-diffeval: {what}: {path} is not an image file (nor a folder of images)")
+        try:
+            with Image.open(path) as image:
+                item = image.convert(mode)
+        except OSError as exc:
+            raise InputError(f"pytest-diffeval: {what}: cannot read {path}: {exc}; fix: replace or remove it") from exc
+    elif hasattr(item, "convert") and hasattr(item, "size"):  # PIL image
+        item = item.convert(mode)
+    elif type(item).__name__ == "Tensor":
+        raise InputError(f"pytest-diffeval: {what}: {name} is a torch.Tensor; pass PIL images, paths or uint8 numpy "
+                         "arrays (e.g. tensor.permute(1, 2, 0).numpy())")
+    array = np.asarray(item)
+    if mode == "L":
+        if array.ndim == 3 and array.shape[-1] in (1, 3):
+            array = array.max(axis=-1)
+        if array.ndim != 2 or array.dtype not in (np.uint8, np.bool_):
+            raise InputError(f"pytest-diffeval: {what}: {name} is {array.dtype} {array.shape}; a mask must be "
+                             "uint8 (0/255) or bool of shape (H, W), white/True = the region to edit")
+        if array.dtype == np.bool_:
+            return array.astype(np.uint8) * 255
+        return np.where(array > (0 if array.max() <= 1 else 127), 255, 0).astype(np.uint8)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise InputError(f"pytest-diffeval: {what}: {name} is {array.dtype} {array.shape}; images must be uint8 "
+                         "(H, W, 3) arrays, PIL images or image files (convert floats with to_uint8)")
+    return np.ascontiguousarray(array)
+
+
+def load_input_images(value: Any, *, what: str, mode: str = "RGB") -> tuple[list[np.ndarray], list[str]]:
+    """Input images from a folder (its image files sorted by name), a file, a list of paths,
+    PIL images or uint8 arrays, one stacked uint8 array or an :class:`ImageSet`; return the
+    arrays and a name for each (for error messages).  All must have one size.  A mask
+    array is one ``(H, W)`` mask or a stack ``(N, H, W)`` / ``(N, H, W, 1|3)``."""
+    if isinstance(value, (str, os.PathLike)) and Path(value).is_dir():
+        folder = Path(value)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"pytest-diffeval: {what}: the folder {folder} holds no images "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+        items, names = files, [p.name for p in files]
+    elif hasattr(value, "images") and hasattr(value, "sample_keys"):  # an ImageSet
+        items, names = list(value.images), [f"sample {i}" for i in range(len(value))]
+    elif isinstance(value, np.ndarray) and (value.ndim == 4 or (mode == "L" and value.ndim == 3)):
+        # a stack: (N, H, W, 3) images; (N, H, W) or (N, H, W, 1|3) masks
+        items, names = list(value), [f"item {i}" for i in range(len(value))]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+        names = [Path(v).name if isinstance(v, (str, os.PathLike)) else f"item {i}" for i, v in enumerate(items)]
+    else:
+        items, names = [value], [Path(value).name if isinstance(value, (str, os.PathLike)) else "the image"]
+    if not items:
+        raise InputError(f"pytest-diffeval: {what} is empty; give one image per prompt, or one for all")
+    arrays = [_to_array(item, what=what, name=name, mode=mode) for item, name in zip(items, names)]
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        first = arrays[0].shape[:2]
+        odd = next(i for i, a in enumerate(arrays) if a.shape[:2] != first)
+        raise InputError(f"pytest-diffeval: {what}: {names[odd]} is {arrays[odd].shape[0]}x{arrays[odd].shape[1]} "
+                         f"(HxW) but {names[0]} is {first[0]}x{first[1]}; give images of one size")
+    return arrays, names
+
+
+def _digest(arrays: Sequence[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    h, w = arrays[0].shape[:2]
+    return f"{len(arrays)} x {h}x{w} sha256:{digest.hexdigest()[:16]}"
+
+
+def _class_label(pipe: Any, label: Any) -> tuple[int, str]:
+    """``(class id, name)`` of a DiT class given by id or by one of its names (``id2label``)."""
+    import difflib
+
+    known: dict[str, int] = dict(getattr(pipe, "labels", None) or {})
+    transformer = getattr(pipe, "transformer", None)
+    count = getattr(getattr(transformer, "config", None), "num_embeds_ada_norm", None)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        label = int(label)
+        if label < 0 or (count is not None and label >= count):
+            raise InputError(f"pytest-diffeval: class label {label} is out of range; "
+                             f"{type(pipe).__name__} has classes 0..{(count or 1) - 1}")
+        names = [name for name, index in known.items() if index == label]
+        return label, _id2label(pipe).get(label) or (", ".join(names) if names else f"class {label}")
+    if not isinstance(label, str):
+        raise InputError(f"pytest-diffeval: class label {label!r} is neither a class id (int) nor a class name (str)")
+    if label.strip() not in known:
+        close = difflib.get_close_matches(label.strip(), list(known), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise InputError(f"pytest-diffeval: {label!r} is not a class name of {type(pipe).__name__} ({len(known)} names "
+                         f"known from its id2label){hint} Pass a name from pipe.labels or a class id (int).")
+    return known[label.strip()], label
+
+
+def _id2label(pipe: Any) -> dict[int, str]:
+    """The full ``id2label`` names of a loaded DiT checkpoint (its ``model_index.json``)."""
+    path = getattr(pipe, "_diffeval_provenance", {}).get("model_path")
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text()) if path else {}
+        return {int(k): str(v) for k, v in (index.get("id2label") or {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _per_prompt(value: Any, *, what: str, count: int) -> list[Any] | None:
+    """A text given once (str) or per prompt (list) as one entry per prompt."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise InputError(f"pytest-diffeval: {what} holds {len(values)} entries for {count} prompts; give one per "
+                         "prompt (same order) or a single str for all")
+    return values
+
+
 def generate_images(
     pipe: Any,
-    prompts: Sequence[str] | str,
+    prompts: Sequence[str | int] | str | None = None,
     *,
     seeds: Iterable[int] = (0,),
     batch_size: int = 8,
     test_id: str | None = None,
     cache: ImageCache | None = None,
+    source_images: Any = None,
+    masks: Any = None,
+    exemplars: Any = None,
+    class_labels: Sequence[int | str] | None = None,
+    source_captions: str | Sequence[str] | None = None,
+    target_captions: str | Sequence[str] | None = None,
     **call_kwargs: Any,
 ) -> ImageSet:
     """Generate one image per ``(prompt, seed)``, batched; samples found in ``cache`` are
@@ -269,42 +473,222 @@ def generate_images(
 
     Each image gets its own CPU ``torch.Generator`` seeded with its seed, so its pixels do
     not depend on the batch it landed in nor on the device's RNG.
+
+    What each pipeline takes (its ``__call__`` decides; everything is checked before any
+    generation, and carried in ``ImageSet.inputs`` for the metrics):
+
+    * text-to-image (SD, SDXL): ``prompts``; ``negative_prompt`` (and SDXL's
+      ``prompt_2`` / ``negative_prompt_2``) once for all or one per prompt.
+    * img2img, InstructPix2Pix: ``source_images`` (``prompts`` are the instructions);
+      inpainting: also ``masks`` (white = repaint; the output has the sources' size);
+      Paint-by-Example: ``source_images``, ``masks`` and ``exemplars``, ``prompts`` are
+      optional case labels.  Images come from a folder, a list of paths / PIL images /
+      uint8 arrays, or an ImageSet: one per prompt, or one for all.  diffusers' names
+      ``image=``, ``mask_image=``, ``example_image=`` are accepted too.
+    * DiT: class ids or names in place of ``prompts`` (or ``class_labels=``).
+    * unconditional (DDPM): no prompts; ``seeds`` decide the samples.
+
+    ``source_captions`` / ``target_captions`` (once or per prompt) only travel to the
+    metrics (CLIP directional similarity).  Other keyword arguments go to the pipeline.
     """
     import torch
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
+    given = {"source_images": source_images, "masks": masks, "exemplars": exemplars}
+    for alias, name in _ALIASES.items():
+        if alias in call_kwargs:
+            if given[name] is not None:
+                raise InputError(f"pytest-diffeval: both {alias}= and {name}= were given; pass the images once")
+            given[name] = call_kwargs.pop(alias)
     seeds = [int(s) for s in seeds]
-    if not prompts:
-        raise ValueError("pytest-diffeval: generate() got an empty prompt list; pass at least one prompt")
     if not seeds:
         raise ValueError("pytest-diffeval: generate() got an empty seed list; pass e.g. seeds=range(4)")
     if batch_size < 1:
         raise ValueError(f"pytest-diffeval: batch_size must be >= 1, got {batch_size}")
-    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    if "num_images_per_prompt" in call_kwargs:
+        raise InputError("pytest-diffeval: num_images_per_prompt is not supported; more images per prompt come "
+                         "from more seeds (seeds=range(4)), each with its own generator")
+    params = _call_parameters(pipe)
+    pipe_name = type(pipe).__name__
+    strength, steps = call_kwargs.get("strength"), call_kwargs.get("num_inference_steps")
+    if isinstance(strength, (int, float)) and isinstance(steps, int) and int(steps * strength) < 1:
+        raise InputError(f"pytest-diffeval: strength={strength} x num_inference_steps={steps} leaves no denoising step "
+                         "(diffusers runs int(steps * strength) of them); raise num_inference_steps or strength")
+    class_conditional = params is not None and "class_labels" in params
+    takes_prompt = (params is None or "prompt" in params) and not class_conditional
+    unconditional = params is not None and not ({"prompt", "class_labels", "image"} & params)
+
+    # ---- cases (one per prompt / class / label), each paired with its inputs
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts) if prompts is not None else None
+    if prompts is not None and not prompts:
+        raise ValueError("pytest-diffeval: generate() got an empty prompt list; pass at least one prompt")
+    labels: list[int] | None = None
+    if class_conditional:
+        if (prompts is None) == (class_labels is None):
+            raise InputError(f"pytest-diffeval: {pipe_name} is class-conditional: give its classes once, as names or "
+                             "ids in place of the prompts (generate(model, ['tabby cat', 207])) or as class_labels=")
+        resolved = [_class_label(pipe, label) for label in (prompts if prompts is not None else list(class_labels))]
+        labels, prompts = [r[0] for r in resolved], [r[1] for r in resolved]
+    elif class_labels is not None:
+        raise InputError(f"pytest-diffeval: class_labels= is for class-conditional pipelines (DiT); {pipe_name} "
+                         "takes no class labels")
+    elif takes_prompt:
+        if prompts is None:
+            raise InputError(f"pytest-diffeval: {pipe_name} needs prompts; pass a list of prompts (or instructions)")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise InputError(f"pytest-diffeval: prompts must be str, got {bad[0]!r}")
+
+    loaded: dict[str, list[np.ndarray]] = {}
+    names: dict[str, list[str]] = {}
+    for key, value in given.items():
+        argument, mode, _ = IMAGE_INPUTS[key]
+        if value is None:
+            if params is not None and argument in params:
+                raise InputError(f"pytest-diffeval: {pipe_name} needs {key}= ({argument}= of the pipeline): a folder, "
+                                 "a list of paths, PIL images or uint8 arrays, one per prompt or one for all")
+            continue
+        if params is not None and argument not in params:
+            raise InputError(f"pytest-diffeval: {pipe_name} takes no {key} (its __call__ has no {argument}=); "
+                             "load the pipeline class that does, e.g. pipeline_class='StableDiffusionImg2ImgPipeline'")
+        loaded[key], names[key] = load_input_images(value, what=key, mode=mode)
+
+    if not takes_prompt and not class_conditional and prompts is not None:
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise InputError(f"pytest-diffeval: labels must be str, got {bad[0]!r}")
+    if prompts is None:  # no text prompt: label the cases
+        count = max((len(v) for v in loaded.values()), default=1)
+        prompts = [""] if unconditional or not loaded else [f"example {i}" for i in range(count)]
+    if unconditional and len(prompts) != 1:
+        raise InputError(f"pytest-diffeval: {pipe_name} is unconditional: every label would give the same images; "
+                         "pass prompts=None (or one label) and choose the samples with seeds=")
+    n_cases = len(prompts)
+    for key, arrays in loaded.items():
+        if len(arrays) not in (1, n_cases):
+            raise InputError(f"pytest-diffeval: {key} holds {len(arrays)} images for {n_cases} "
+                             f"{'prompts' if takes_prompt else 'cases'}; give one per prompt (same order) or one for all")
+    if "masks" in loaded and "source_images" in loaded:
+        mask_size, source_size = loaded["masks"][0].shape[:2], loaded["source_images"][0].shape[:2]
+        if mask_size != source_size:
+            raise InputError(f"pytest-diffeval: masks are {mask_size[0]}x{mask_size[1]} (HxW) but source_images are "
+                             f"{source_size[0]}x{source_size[1]}; give masks of the source images' size")
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if "source_images" in loaded and isinstance(factor, int) and factor > 1:
+        h, w = loaded["source_images"][0].shape[:2]
+        if h % factor or w % factor:
+            raise InputError(f"pytest-diffeval: source_images are {h}x{w} (HxW) but {pipe_name} works at multiples of "
+                             f"{factor} pixels; resize them (e.g. to {h - h % factor}x{w - w % factor}) so the "
+                             "output stays aligned with its source")
+    if (loaded or class_conditional) and len(set(prompts)) < n_cases:
+        duplicate = next(p for p in prompts if prompts.count(p) > 1)
+        raise InputError(f"pytest-diffeval: the prompt {duplicate!r} appears twice; prompts identify samples (baselines "
+                         "pair them by (prompt, seed)), so give each source its own prompt or label")
+    texts = {name: _per_prompt(call_kwargs.get(name), what=name, count=n_cases) for name in _PER_PROMPT_TEXT}
+    captions = {"source_captions": _per_prompt(source_captions, what="source_captions", count=n_cases),
+                "target_captions": _per_prompt(target_captions, what="target_captions", count=n_cases)}
+    if class_conditional:
+        scheduler = getattr(pipe, "scheduler", None)
+        stochastic = type(scheduler).__name__ in _STOCHASTIC_SCHEDULERS or str(
+            getattr(getattr(scheduler, "config", None), "algorithm_type", "")).startswith("sde")
+        if stochastic:
+            raise InputError(f"pytest-diffeval: {pipe_name} does not pass its generators to the scheduler, so "
+                             f"{type(scheduler).__name__} would draw noise from the global RNG and images would not be "
+                             "reproducible; load it with a deterministic sampler, e.g. scheduler='DDIMScheduler' or "
+                             "'DPMSolverMultistepScheduler'")
+
+    def pick(key: str, case: int) -> np.ndarray:
+        arrays = loaded[key]
+        return arrays[case if len(arrays) > 1 else 0]
+
+    case_keys: list[dict[str, Any]] = []
+    for case in range(n_cases):
+        material: dict[str, Any] = {key: _fingerprint(pick(key, case)) for key in loaded}
+        if labels is not None:
+            material["class_label"] = labels[case]
+        case_keys.append(material)
+
+    # ---- generation (cached per sample)
+    jobs = [(case, seed) for case in range(n_cases) for seed in seeds]
     provenance = pipeline_provenance(pipe)
-    keys = [cache.key(provenance, call_kwargs, p, s) if cache is not None else None for p, s in jobs]
+
+    def key_kwargs(case: int) -> dict[str, Any]:
+        return {**call_kwargs, "_inputs": case_keys[case]} if case_keys[case] else call_kwargs
+
+    keys = [cache.key(provenance, key_kwargs(c), prompts[c], s) if cache is not None else None for c, s in jobs]
     results: list[tuple[np.ndarray, bool] | None] = [cache.get(k) if cache is not None else None for k in keys]
     missing = [i for i, r in enumerate(results) if r is None]
+    pil_cache: dict[tuple[str, int], Any] = {}
+
+    def pil(key: str, case: int) -> Any:
+        from PIL import Image
+
+        index = case if len(loaded[key]) > 1 else 0
+        if (key, index) not in pil_cache:
+            pil_cache[key, index] = Image.fromarray(loaded[key][index], mode=IMAGE_INPUTS[key][1])
+        return pil_cache[key, index]
+
+    pipe_kwargs = {k: v for k, v in call_kwargs.items() if k not in _PER_PROMPT_TEXT}
+    if "source_images" in loaded and params is not None and "height" in params and \
+            "height" not in call_kwargs and "width" not in call_kwargs:
+        pipe_kwargs["height"], pipe_kwargs["width"] = loaded["source_images"][0].shape[:2]
     for batch in _batches(missing, batch_size):
+        cases = [jobs[i][0] for i in batch]
+        kwargs = dict(pipe_kwargs)
+        if takes_prompt:
+            kwargs["prompt"] = [prompts[c] for c in cases]
+        if labels is not None:
+            kwargs["class_labels"] = [labels[c] for c in cases]
+        for name, values in texts.items():
+            if values is not None:
+                kwargs[name] = [values[c] for c in cases]
+        for key in loaded:
+            kwargs[IMAGE_INPUTS[key][0]] = [pil(key, c) for c in cases]
+        if unconditional and "batch_size" in params:
+            kwargs["batch_size"] = len(batch)
         generators = [torch.Generator("cpu").manual_seed(jobs[i][1]) for i in batch]
-        output = pipe(prompt=[jobs[i][0] for i in batch], generator=generators, output_type="np", **call_kwargs)
+        from .planning import call_with_oom_backoff  # CUDA OOM: halve the batch and retry
+
+        output = call_with_oom_backoff(pipe, generators, output_type="np", **kwargs)
         raw = np.asarray(output.images, dtype=np.float32)
+        if len(raw) != len(batch):
+            raise RuntimeError(f"pytest-diffeval: {pipe_name} returned {len(raw)} images for a batch of {len(batch)}")
         flags = ~np.isfinite(raw).reshape(len(raw), -1).all(axis=1)
         for index, image, flag in zip(batch, to_uint8(raw), flags):
             results[index] = (image, bool(flag))
             if cache is not None:
                 cache.misses += 1
                 cache.put(keys[index], image, bool(flag))
+
+    # ---- what the ImageSet carries
+    job_cases = [c for c, _ in jobs]
+    inputs: dict[str, Any] = {}
+    for key, arrays in loaded.items():
+        if len(arrays) == 1:  # one image for all: a stride-0 view, embedded once by the metrics
+            inputs[key] = np.broadcast_to(arrays[0], (len(jobs), *arrays[0].shape))
+        else:
+            inputs[key] = np.stack([arrays[c] for c in job_cases])
+    if labels is not None:
+        inputs["class_labels"] = [labels[c] for c in job_cases]
+    for key, values in captions.items():
+        if values is not None:
+            inputs[key] = [values[c] for c in job_cases]
+    recorded = _jsonable(call_kwargs)
+    generation_inputs = {key: _digest(arrays) for key, arrays in loaded.items()}
+    if labels is not None:
+        generation_inputs["class_labels"] = list(labels)
+    if generation_inputs:
+        recorded["inputs"] = generation_inputs  # in the baseline signature: other inputs, other numbers
     return ImageSet(
         images=np.stack([r[0] for r in results]),
-        prompts=[p for p, _ in jobs],
+        prompts=[prompts[c] for c in job_cases],
         seeds=[s for _, s in jobs],
-        call_kwargs=_jsonable(call_kwargs),
+        call_kwargs=recorded,
         provenance=provenance,
         test_id=test_id,
         nonfinite=[r[1] for r in results],
+        inputs=inputs,
     )
 
 

@@ -142,7 +142,18 @@ def load_pipeline(
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a pipeline with ``from_pretrained`` (safetensors by default), move it to
-    ``device``/``dtype``, put every module in eval mode and attach its provenance."""
+    ``device``/``dtype``, put every module in eval mode and attach its provenance.
+
+    ``lora=`` (a ``.safetensors`` file, a folder holding one, or a hub id; optional
+    ``lora_weight_name=``) loads LoRA weights with diffusers' ``load_lora_weights`` and fuses
+    them at ``lora_scale=`` (default 1.0; needs ``peft``); provenance records its content hash."""
+    lora = from_pretrained_kwargs.pop("lora", None)
+    lora_scale = from_pretrained_kwargs.pop("lora_scale", None)
+    lora_weight_name = from_pretrained_kwargs.pop("lora_weight_name", None)
+    if lora is None and (lora_scale is not None or lora_weight_name is not None):
+        raise ValueError("pytest-diffeval: lora_scale=/lora_weight_name= were given without lora=; pass the LoRA "
+                         "too, e.g. diffusion_pipeline(MODEL, lora='path/to/lora.safetensors', lora_scale=0.8)")
+    _register_moved_pipeline_modules()
     kind, path = resolve_source(source)
     if kind != "hub" and not (path / "model_index.json").is_file():
         raise _not_diffusers_layout(path)
@@ -168,6 +179,11 @@ def load_pipeline(
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe = pipe.to(device)
+    lora_provenance = None
+    if lora is not None:
+        lora_provenance = apply_lora(pipe, lora, 1.0 if lora_scale is None else lora_scale,
+                                     weight_name=lora_weight_name,
+                                     use_safetensors=kwargs["use_safetensors"])
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -184,7 +200,112 @@ def load_pipeline(
         "model_hash": model_fingerprint(path) if path is not None else "unknown",
         "revision": revision,
     }
+    if lora_provenance is not None:
+        pipe._diffeval_provenance["lora"] = lora_provenance
     return pipe
+
+
+def _register_moved_pipeline_modules() -> None:
+    """Let checkpoints that name a component ``["paint_by_example", ...]`` (e.g.
+    ``Fantasy-Studio/Paint-by-Example``) load again: diffusers (after 0.33) moved that pipeline
+    under ``diffusers.pipelines.deprecated`` and no longer resolves the old name."""
+    import importlib
+
+    from diffusers import pipelines
+
+    for name in ("paint_by_example",):
+        try:
+            getattr(pipelines, name)
+            continue
+        except (AttributeError, ImportError):
+            pass
+        try:
+            setattr(pipelines, name, importlib.import_module(f"diffusers.pipelines.deprecated.{name}"))
+        except ImportError:
+            pass
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _lora_file_name(folder: Path) -> str | None:
+    """The LoRA file diffusers would pick in ``folder``: its default name, else the only
+    ``.safetensors`` file; None when ambiguous (then ``lora_weight_name=`` must say)."""
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if "pytorch_lora_weights.safetensors" in files:
+        return "pytorch_lora_weights.safetensors"
+    return files[0] if len(files) == 1 else None
+
+
+def _weights_hash(folder: Path, weight_name: str | None) -> str:
+    """The content hash of the LoRA file (the same whether named by file or by folder);
+    of the whole folder when the file is unknown.  Hub symlinks are named by their blob."""
+    file = folder / weight_name if weight_name else None
+    if file is None or not file.is_file():
+        return model_fingerprint(folder)
+    if file.is_symlink() and "blobs" in Path(os.readlink(file)).parts:
+        return Path(os.readlink(file)).name[:16]
+    return _file_hash(file)
+
+
+def apply_lora(pipe: Any, lora: str | os.PathLike, scale: float, *, weight_name: str | None = None,
+               use_safetensors: bool = True) -> dict[str, Any]:
+    """Load LoRA weights into ``pipe`` (``load_lora_weights``), fuse them into the base
+    weights at ``scale`` (``fuse_lora``) and drop the adapter layers, so sampling runs at
+    the base model's speed.  Return what provenance records: source, content hash, scale."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"pytest-diffeval: lora_scale must be a number, got {scale!r}") from None
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"pytest-diffeval: {type(pipe).__name__} cannot load LoRA weights (it has no "
+                         "load_lora_weights); drop lora= or use a pipeline class that supports LoRA")
+    try:
+        import peft  # noqa: F401 - diffusers' LoRA loading needs it
+    except ImportError as exc:
+        raise ImportError("pytest-diffeval: lora= needs the 'peft' package: pip install peft") from exc
+    text = os.fspath(lora)
+    local = Path(text).expanduser()
+    if local.is_file():
+        location, weight_name, kind = str(local.resolve().parent), local.name, "local"
+        content_hash = _file_hash(local)
+    elif local.is_dir():
+        location, kind = str(local.resolve()), "local"
+        weight_name = weight_name or _lora_file_name(local)
+        content_hash = _weights_hash(local, weight_name)
+    else:
+        location, kind, content_hash = text, "hub", None
+        snapshot = _hub_snapshot(text, None)
+        if snapshot is not None:  # offline, diffusers needs the file name
+            weight_name = weight_name or _lora_file_name(snapshot)
+    try:
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name="diffeval_lora",
+                               use_safetensors=use_safetensors)
+    except ImportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub/network/format errors, re-raised with what was looked at
+        looked = f"a local file or folder {local.resolve()} (not found)" if kind == "hub" else location
+        raise PipelineNotFoundError(
+            f"pytest-diffeval: cannot load the LoRA {text!r} into {type(pipe).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  looked at: {looked}"
+            + (" and the Hugging Face cache/hub" if kind == "hub" else "") +
+            "\n  fix: pass a .safetensors LoRA file in diffusers/peft or kohya format, a folder holding one "
+            "(lora_weight_name= picks the file), or a hub id available offline; the LoRA must match the "
+            "model's architecture."
+        ) from exc
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["diffeval_lora"])
+    pipe.unload_lora_weights()  # keeps the fused weights, removes the adapter layers
+    if kind == "hub":
+        snapshot = _hub_snapshot(text, None)
+        if snapshot is not None:
+            content_hash = _weights_hash(snapshot, weight_name)
+    return {"source": text, "kind": kind, "weight_name": weight_name, "hash": content_hash or "unknown",
+            "scale": scale}
 
 
 def _quiet_progress_bars() -> None:

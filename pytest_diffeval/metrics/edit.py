@@ -1,7 +1,8 @@
 """Image-editing metrics on CLIP embeddings: directional similarity (does the edit follow
 the instruction?) and image similarity (does the edit keep the source, or match an
 exemplar?).  Also the input helpers the other edit metrics share: images and captions
-given as options, one per generated image or one for all."""
+given as options, one per generated image or one for all, or carried by the ImageSet
+(``ImageSet.inputs``, filled by ``generate``) when an option is not given."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarr
     ``(H, W, 3)`` arrays) as uint8 ``(count, H, W, 3)``; a single image is used for all."""
     if value is None:
         raise ValueError(f"pytest-diffeval: {metric} needs {option}= (an ImageSet or uint8 images of shape "
-                         f"(N, H, W, 3), one per generated image or one for all)")
+                         f"(N, H, W, 3), one per generated image or one for all), or images generated with "
+                         f"generate(..., source_images=...), which carry their inputs")
     if hasattr(value, "images") and hasattr(value, "sample_keys"):
         value = value.images
     elif isinstance(value, torch.Tensor):
@@ -49,10 +51,20 @@ def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarr
     return array
 
 
+def carried(images: Any, value: Any, *keys: str) -> Any:
+    """``value``, or when it is None the first of ``images.inputs[key]`` that the ImageSet
+    carries (``generate(..., source_images=...)`` records its inputs there)."""
+    if value is not None:
+        return value
+    inputs = getattr(images, "inputs", None) or {}
+    return next((inputs[key] for key in keys if inputs.get(key) is not None), None)
+
+
 def text_list(value: Any, *, metric: str, option: str, count: int) -> list[str]:
     """``value`` (a list of strings, one per image, or one string for all) as a list."""
     if value is None:
-        raise ValueError(f"pytest-diffeval: {metric} needs {option}= (a list of captions, one per image)")
+        raise ValueError(f"pytest-diffeval: {metric} needs {option}= (a list of captions, one per image, or one "
+                         f"str for all), or pass it to generate(..., {option}=...) so the images carry it")
     texts = [value] * count if isinstance(value, str) else list(value)
     if len(texts) != count or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"pytest-diffeval: {metric}: {option} holds {len(texts)} entries for {count} images; "
@@ -91,8 +103,12 @@ class ClipDirectionalSimilarity(Metric):
     def compute(self, images: Any, *, source_images: Any = None, source_captions: Any = None,
                 target_captions: Any = None, clip_model: str | None = None, device: str | None = None,
                 batch_size: int = 64) -> MetricResult:
-        """Score the edited ``images`` against ``source_images`` and the caption pair."""
+        """Score the edited ``images`` against ``source_images`` and the caption pair (by
+        default those the ImageSet carries from ``generate``)."""
         n = len(images)
+        source_images = carried(images, source_images, "source_images")
+        source_captions = carried(images, source_captions, "source_captions")
+        target_captions = carried(images, target_captions, "target_captions")
         source = image_array(source_images, metric=self.name, option="source_images", count=n)
         before = text_list(source_captions, metric=self.name, option="source_captions", count=n)
         after = text_list(target_captions, metric=self.name, option="target_captions", count=n)
@@ -119,9 +135,15 @@ class ClipImageSimilarity(Metric):
 
     def compute(self, images: Any, *, reference_images: Any = None, clip_model: str | None = None,
                 device: str | None = None, batch_size: int = 64) -> MetricResult:
-        """Compare each image with its reference (the source of an edit, or an exemplar)."""
+        """Compare each image with its reference (the source of an edit, or an exemplar).  By
+        default the ImageSet's carried exemplars (Paint-by-Example), else its source images."""
+        inputs = getattr(images, "inputs", None) or {}
+        used = "given" if reference_images is not None else next(
+            (key for key in ("exemplars", "source_images") if inputs.get(key) is not None), "none")
+        reference_images = carried(images, reference_images, "exemplars", "source_images")
         reference = image_array(reference_images, metric=self.name, option="reference_images", count=len(images))
         backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
         generated = F.normalize(backbone.image_features(images.as_tensor(backbone.device), batch_size), dim=-1)
         per_sample = (100 * (generated * _unique_features(backbone, reference, batch_size)).sum(-1)).double().cpu().numpy()
-        return MetricResult(self.name, max(float(per_sample.mean()), 0.0), backbone.id, True, per_sample=per_sample)
+        return MetricResult(self.name, max(float(per_sample.mean()), 0.0), backbone.id, True, per_sample=per_sample,
+                            details={"reference": used})

@@ -4,6 +4,8 @@ from torchmetrics.
 
 Masks: uint8 (0/255, white = the region to edit; 0/1 is accepted too) or bool (True = edit),
 shaped ``(H, W)`` (one for all), ``(N, H, W)`` or ``(N, H, W, 1|3)``; same size as the images.
+Without ``source_images=`` / ``masks=`` the ones the ImageSet carries from
+``generate(..., source_images=..., masks=...)`` are used.
 
 * ``preservation_psnr``: torchmetrics' PSNR (data range 255) over the unmasked pixels only
   (all three channels).  Identical unmasked pixels give infinite PSNR, reported as the cap
@@ -25,7 +27,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from . import Metric, MetricResult
-from .edit import image_array
+from .edit import carried, image_array
 
 PSNR_CAP_DB = 100.0
 
@@ -34,7 +36,7 @@ def mask_array(masks: Any, *, metric: str, count: int, size: tuple[int, int]) ->
     """Masks as bool ``(count, H, W)``, True = the region the edit may change."""
     if masks is None:
         raise ValueError(f"pytest-diffeval: {metric} needs masks= (uint8 0/255 or bool, white/True = the region to "
-                         "edit), one per image or one for all")
+                         "edit), one per image or one for all, or images generated with generate(..., masks=...)")
     if hasattr(masks, "images") and hasattr(masks, "sample_keys"):
         masks = masks.images
     if isinstance(masks, (list, tuple)):
@@ -62,6 +64,8 @@ def mask_array(masks: Any, *, metric: str, count: int, size: tuple[int, int]) ->
 
 
 def _inputs(metric: str, images: Any, source_images: Any, masks: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    source_images = carried(images, source_images, "source_images")
+    masks = carried(images, masks, "masks")
     source = image_array(source_images, metric=metric, option="source_images", count=len(images))
     if source.shape[1:] != images.images.shape[1:]:
         raise ValueError(f"pytest-diffeval: {metric}: source_images are {source.shape[1]}x{source.shape[2]} but the "

@@ -11,7 +11,7 @@ from pytest_diffeval import ImageSet
 from pytest_diffeval.embedded.data import make_images
 
 MODEL = "diffeval/tiny-t2i"  # the embedded 16x16 text-to-image model
-SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0}
+SAMPLING = {"num_inference_steps": 20, "guidance_scale": 2.0}
 
 
 @pytest.fixture(scope="session")

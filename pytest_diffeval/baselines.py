@@ -419,7 +419,7 @@ class DiffevalBaseline:
         location = self.path
         comparison = outcome if isinstance(outcome, Comparison) else None
         if updating:
-            record_check(self.test_id, result, images, verdict="pass" if matched else "recorded",
+            record_check(self.test_id, result, images, verdict="pass" if matched and comparison else "recorded",
                          baseline_file=str(location), comparison=comparison)
             return comparison, None, AssertionError
         rerun = f"pytest --snapshot-update {_node_for_cli(self.test_id)}"

@@ -4,19 +4,26 @@
     pytest model_tests/ --diffeval-model=build/regressions/perturbed      # fails
     pytest model_tests/ --diffeval-model=diffeval/tiny-t2i-undertrained   # fails
 
-Variants (seconds to make; nothing is trained):
+Variants (seconds to make; nothing is trained), the "regression zoo":
 
-* ``perturbed``   - UNet weights plus Gaussian noise of 0.3x each tensor's std
-                    (measured here: ~10 CLIP points and ~16% digit accuracy lost;
-                    <= 0.1x std changes nothing measurable, a benign perturbation)
-* ``text-broken`` - text encoder weights zeroed: the prompt no longer conditions
-* ``undertrained``- shipped in the package as ``diffeval/tiny-t2i-undertrained`` (an
-                    early checkpoint of the training run); listed here for completeness
+* ``undertrained``      shipped as ``diffeval/tiny-t2i-undertrained``: an early checkpoint
+* ``noise-0.3``         UNet weights + Gaussian noise of 0.3x each tensor's std
+* ``noise-1.0``         the same at 1.0x std (<= 0.1x std changes nothing measurable)
+* ``text-zeroed``       text encoder weights zeroed: the prompt no longer conditions
+* ``prompts-shuffled``  a wrong tokenizer: colour and digit words swapped in its vocabulary
+                        (red<->blue, green<->yellow, black<->white, 0<->5, 1<->7 ...)
+* ``scheduler-swapped`` DDPM (ancestral, meant for 1000 steps) shipped instead of DDIM
+* ``overflow-nan``      one UNet weight scaled past float range (what fp16 does past 65504):
+                        the output is NaN
+
+Benign variations the suite must pass (tests/test_embedded_suite.py): 1 or 2 threads,
+batch size 1 or 8, ``-n 2``, a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -35,21 +42,65 @@ def zero_component(path: Path, component: str) -> None:
         save_file(tensors, str(file), metadata={"format": "pt"})
 
 
+SWAPS = [("red", "blue"), ("green", "yellow"), ("black", "white"), ("0", "5"), ("1", "7"), ("2", "9"), ("3", "8")]
+
+
+def swap_tokens(path: Path) -> None:
+    """Swap the ids of word pairs in the tokenizer's vocabulary (both files that hold it)."""
+    for name in ("vocab.json", "tokenizer.json"):
+        file = path / "tokenizer" / name
+        if not file.is_file():
+            continue
+        data = json.loads(file.read_text())
+        vocab = data["model"]["vocab"] if name == "tokenizer.json" else data
+        for a, b in SWAPS:
+            a, b = f"{a}</w>", f"{b}</w>"
+            vocab[a], vocab[b] = vocab[b], vocab[a]
+        file.write_text(json.dumps(data))
+
+
+def swap_scheduler(path: Path) -> None:
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = "DDPMScheduler"
+    config_file.write_text(json.dumps(config, indent=2))
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    index_file.write_text(json.dumps(index, indent=2))
+
+
+def overflow(path: Path) -> None:
+    file = path / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(file))
+    name = next(k for k in tensors if k.startswith("conv_in.weight"))
+    tensors[name] = tensors[name] * 1e38  # past float16's (and soon float32's) range
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+MAKERS = {
+    "noise-0.3": lambda p: perturb_weights(p, "unet", scale=0.3, seed=0),
+    "noise-1.0": lambda p: perturb_weights(p, "unet", scale=1.0, seed=0),
+    "text-zeroed": lambda p: zero_component(p, "text_encoder"),
+    "prompts-shuffled": swap_tokens,
+    "scheduler-swapped": swap_scheduler,
+    "overflow-nan": overflow,
+}
+
+
 def make_variants(out: Path) -> dict[str, Path]:
     """Write the variants under ``out`` and return name -> model folder."""
     good = resolve_embedded(GOOD)
     if good is None:
         raise SystemExit(f"the embedded model {GOOD} has no weights; run scripts/train_embedded.py first")
-    variants = {}
-    for name in ("perturbed", "text-broken"):
+    variants = {"undertrained": resolve_embedded("diffeval/tiny-t2i-undertrained")}
+    for name, make in MAKERS.items():
         target = out / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(good, target)
+        make(target)
         variants[name] = target
-    perturb_weights(variants["perturbed"], "unet", scale=0.3, seed=0)
-    zero_component(variants["text-broken"], "text_encoder")
-    variants["undertrained"] = resolve_embedded("diffeval/tiny-t2i-undertrained")
     return variants
 
 

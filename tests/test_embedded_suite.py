@@ -81,5 +81,7 @@ def test_regression_zoo_member_fails_naming_what_caught_it(member: str, zoo: dic
     assert re.search(r"FAILED model_tests/test_embedded_t2i.py::test_heldout_prompts_against_baseline", output)
     if member == "overflow-nan":
         assert "tripwire: " in output and "had NaN/inf" in output
+    elif member == "text-zeroed":  # every prompt gives the same image: the tripwire says so
+        assert "different prompts gave identical images" in output
     else:
         assert any(test == "test_heldout_prompts_against_baseline" for test, _ in hits), sorted(hits)

@@ -1,10 +1,13 @@
-"""``python -m pytest_diffeval``: review stored baselines.
+"""``python -m pytest_diffeval``: review stored baselines, merge results of several runners.
 
     python -m pytest_diffeval baselines list [DIR]        # what is stored (default: ./baselines)
     python -m pytest_diffeval baselines diff A B [--top N] # which numbers moved, and which samples
+    python -m pytest_diffeval results merge DIR... --out DIR  # one metrics.json + report.html
 
 A and B are baseline files or folders, or results directories of a run (their
-``metrics.json``).  Exit status 0; 2 for input that cannot be read (the message names it).
+``metrics.json``).  ``results merge`` takes the results directories of the shards of one
+suite (``--diffeval-shard=i/N``, one per CI runner).  Exit status 0; 2 for input that
+cannot be read (the message names it).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .review import ReviewError, diff, list_entries, load
+from .review import ReviewError, diff, list_entries, load, merge_results
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("a", help="old: baseline file or folder, or a results directory / metrics.json")
     compare.add_argument("b", help="new: baseline file or folder, or a results directory / metrics.json")
     compare.add_argument("--top", type=int, default=5, help="samples to show per metric (default 5)")
+    results = commands.add_parser("results", help="merge the results directories of several runs",
+                                  description="Work with results directories (metrics.json, images, report.html).")
+    results_actions = results.add_subparsers(dest="action", required=True, metavar="ACTION")
+    merge = results_actions.add_parser(
+        "merge", help="merge results directories (e.g. one per CI shard) into one, with one HTML report",
+        description="Merge results directories (metrics.json and the image folders of the checks) into --out and "
+                    "regenerate the HTML report from the merged metrics.json.")
+    merge.add_argument("dirs", nargs="+", help="results directories (each holds a metrics.json)")
+    merge.add_argument("--out", required=True, help="the merged results directory (created)")
+    merge.add_argument("--allow-duplicates", action="store_true",
+                       help="a test in several directories: keep the later directory's results (default: an error)")
+    merge.add_argument("--root", default=".", help="where to find baseline files recorded under another checkout "
+                                                   "path, for the report's per-sample baseline columns (default: .)")
     return parser
 
 
@@ -38,6 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "results":
+            merged = merge_results(args.dirs, args.out, allow_duplicates=args.allow_duplicates, root=args.root)
+            for note in merged.notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"merged {len(args.dirs)} results directories into {merged.out}: {merged.tests} tests "
+                  f"({merged.failed_tests} failed), {merged.checks} metric checks ({merged.failed_checks} failed), "
+                  f"{merged.images} image folders; {merged.out / 'metrics.json'}, {merged.out / 'report.html'}")
+            return 0
         if args.action == "list":
             source = load(args.dir, keep_going=True)
             list_entries(source, sys.stdout)

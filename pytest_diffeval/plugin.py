@@ -4,6 +4,9 @@ check into the terminal summary (also from xdist workers)."""
 from __future__ import annotations
 
 import os
+import sys
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -12,6 +15,7 @@ import pytest
 
 from . import settings
 from .baselines import DiffevalBaseline, DiffevalBaselineExtension
+from .planning import COUNTERS, Planner, ProvenanceMemo
 from .report import Outputs, summary_lines
 
 if TYPE_CHECKING:
@@ -34,6 +38,21 @@ def image_cache(config: pytest.Config) -> Any:
 
         _IMAGES = ImageCache(Path(directory) / "images")
     return _IMAGES
+
+
+_PLANNER = Planner()  # the session's diffeval_plan markers
+_MEMO: ProvenanceMemo | None = None
+
+
+def provenance_memo() -> ProvenanceMemo | None:
+    """Provenance of pipelines loaded before (lets a fully cached ``generate`` skip the load)."""
+    global _MEMO
+    directory = settings.current().cache_dir
+    if directory is None:
+        return None
+    if _MEMO is None or _MEMO.directory != Path(directory) / "pipelines":
+        _MEMO = ProvenanceMemo(Path(directory) / "pipelines")
+    return _MEMO
 
 
 def pipeline_cache() -> Any:
@@ -68,14 +87,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
            "file (offline FID)")
     option("diffeval-results", "diffeval_results", "folder for images and metrics of failed checks",
            default="diffeval-results")
-    option("diffeval-cache-dir", "diffeval_cache_dir", "cache folder (generated images, reference statistics); "
-           "default under pytest's cache dir")
+    option("diffeval-cache-dir", "diffeval_cache_dir", "cache folder (generated images, backbone features, "
+           "reference statistics); default under pytest's cache dir")
     group.addoption("--diffeval-calibrate", type=int, default=0, metavar="N",
                     help="with --snapshot-update: re-run each baseline check N times under benign perturbations "
                          "(1 and 2 threads, batch size 1 and all-at-once) and store the observed noise, from which "
                          "tolerance=None derives the tolerance")
     group.addoption("--diffeval-no-cache", action="store_true", default=False,
-                    help="generate every image again (bypass the image cache)")
+                    help="generate every image and compute every backbone feature again (bypass the image and "
+                         "feature caches)")
+    group.addoption("--diffeval-shard", default=None, metavar="I/N",
+                    help="run only shard I of N (1-based) of the selected tests, each model's tests kept together: "
+                         "one CI runner per shard, then `python -m pytest_diffeval results merge`")
+    option("diffeval-worker-threads", "diffeval_worker_threads", "CPU threads of each xdist worker: auto (the "
+           "machine's cores divided among the workers, unless OMP_NUM_THREADS is set), keep, or a number",
+           default="auto")
+    option("diffeval-dist", "diffeval_dist", "under -n (--dist load): 'model' keeps each model's tests on as few "
+           "workers as possible (one per model when there are as many models as workers); 'xdist' leaves "
+           "xdist's own scheduling", default="model")
     option("diffeval-batch-size", "diffeval_batch_size", "default generation batch size", default="8")
     option("diffeval-model", "diffeval_model", "replace the model tests load: NAME (every model) or "
            "ORIGINAL=REPLACEMENT; also env DIFFEVAL_MODEL")
@@ -94,9 +123,42 @@ def _value(config: pytest.Config, name: str) -> Any:
     return value if value is not None else config.getini(name)
 
 
+def _share_cpu_threads(config: pytest.Config) -> None:
+    """On an xdist worker, give torch its share of the cores (cores / workers) unless the
+    user chose: K workers each running one thread per core oversubscribe the CPU badly
+    (measured: a tiny model's batch took 3.2 s with 2 threads per worker on 2 cores vs
+    0.02 s with 1).  Set before torch is imported, which the plugin does lazily."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput and "OMP_NUM_THREADS" not in os.environ and "torch" not in sys.modules:
+        workers = int(workerinput.get("workercount", 1) or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _share_cpu_threads(config)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and usually hub weights); skipped on the CPU "
                                        "with a reason, a failure under --diffeval-require-gpu")
+    config.addinivalue_line("markers", "diffeval_plan(model, prompts, seeds=(0,), batch_size=None, **call_kwargs): "
+                                       "the generations of these tests, made in full batches by the first of them "
+                                       "to call generate(); each test then reads its own images")
+    config.addinivalue_line("markers", "diffeval_model(model): the model this test uses; under -n and "
+                                       "--diffeval-shard tests of one model are kept together")
+    COUNTERS.reset(feature_cache=not config.getoption("diffeval_no_cache"))
+    _PLANNER.collect(())
+    _WORKER_COUNTERS.clear()
+    _TESTS_RUN[0] = 0
+    shard = config.getoption("diffeval_shard")
+    if shard:
+        from .scheduling import parse_shard
+
+        try:
+            parse_shard(shard)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    if _model_dist(config):
+        config.stash[_ENTRIES_DIR] = tempfile.mkdtemp(prefix="diffeval-sched-")
+    if _is_worker(config):
+        _limit_worker_threads(config)
     rootdir = Path(config.rootpath)
     cache_dir = _value(config, "diffeval_cache_dir")
     settings.configure(
@@ -116,6 +178,172 @@ def pytest_configure(config: pytest.Config) -> None:
     DiffevalBaselineExtension.root = settings.current().baselines_dir
     DiffevalBaselineExtension.rootdir = rootdir
     _ROWS.clear()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_ENTRIES_DIR, None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_ENTRIES_DIR = pytest.StashKey[str]()
+_WORKER_COUNTERS: dict[str, dict[str, Any]] = {}  # on the xdist controller: each worker's counters
+
+
+def _limit_worker_threads(config: pytest.Config) -> None:
+    """Share the CPU cores among xdist workers: K workers that each start one thread per
+    core oversubscribe the CPU (on a 2-core machine, ``-n 2`` ran the release suite ~8x
+    slower than with one thread each)."""
+    import sys
+
+    value = str(_value(config, "diffeval_worker_threads") or "auto").strip()
+    if value == "keep" or (value == "auto" and "OMP_NUM_THREADS" in os.environ):
+        return
+    if value == "auto":
+        workers = int(getattr(config, "workerinput", {}).get("workercount", 1) or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // workers)
+    elif value.isdigit() and int(value) > 0:
+        threads = int(value)
+    else:
+        raise pytest.UsageError(f"pytest-diffeval: --diffeval-worker-threads={value!r}: use auto, keep or a number")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch is imported
+    if "torch" in sys.modules:  # a conftest imported it already
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def _model_dist(config: pytest.Config) -> bool:
+    """Whether this xdist controller schedules by model (``-n`` with --dist load, the default)."""
+    if _is_worker(config) or not config.pluginmanager.hasplugin("xdist"):
+        return False
+    if not getattr(config.option, "numprocesses", None) or getattr(config.option, "collectonly", False):
+        return False
+    if getattr(config.option, "dist", "no") not in ("load", "loadgroup"):
+        return False
+    mode = str(_value(config, "diffeval_dist") or "model").strip()
+    if mode not in ("model", "xdist"):
+        raise pytest.UsageError(f"pytest-diffeval: --diffeval-dist={mode!r}: use 'model' or 'xdist'")
+    return mode == "model"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``-n``: keep each model's tests on as few workers as possible (see scheduling.py)."""
+    directory = config.stash.get(_ENTRIES_DIR, None)
+    if directory is None:
+        return None
+    from .scheduling import make_scheduler
+
+    return make_scheduler(config, log, directory)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    directory = node.config.stash.get(_ENTRIES_DIR, None)
+    if directory is not None:
+        node.workerinput["diffeval_entries_dir"] = directory
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    counters = getattr(node, "workeroutput", {}).get("diffeval_counters")
+    if counters:
+        _WORKER_COUNTERS[str(node.gateway.id)] = counters
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--diffeval-shard=i/N``: keep this shard's tests (each model's tests together)."""
+    shard = config.getoption("diffeval_shard")
+    if not shard or not items:
+        return
+    from .scheduling import assign_shards, entries_of, parse_shard
+
+    index, total = parse_shard(shard)
+    try:
+        assigned = assign_shards(entries_of(items), total)  # machine-independent: every runner agrees
+    except ValueError as exc:  # a malformed diffeval_plan marker
+        raise pytest.UsageError(str(exc)) from None
+    keep = [item for item in items if assigned[item.nodeid] == index - 1]
+    dropped = [item for item in items if assigned[item.nodeid] != index - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Read the plans of the selected tests; under ``-n`` with model scheduling, report each
+    test's group to the controller and learn which tests share this worker's units."""
+    try:
+        _PLANNER.collect(session.items)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    workerinput = getattr(session.config, "workerinput", None)
+    directory = (workerinput or {}).get("diffeval_entries_dir")
+    if directory:
+        from .scheduling import entries_of, partition, write_entries
+
+        entries = entries_of(session.items, _will_skip)
+        write_entries(directory, str(workerinput.get("workerid", "gw")), entries)
+        if _PLANNER.plans:
+            _PLANNER.unit_of = partition(entries, int(workerinput.get("workercount", 1))).unit_of
+
+
+def _will_skip(item: pytest.Item) -> bool:
+    """Whether a GPU test will be skipped here (for scheduling: it holds no model)."""
+    return (item.get_closest_marker("gpu") is not None and not item.config.getoption("diffeval_require_gpu")
+            and not _device().startswith("cuda"))
+
+
+_TESTS_RUN = [0]
+
+
+def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    _PLANNER.finished(nodeid)
+    _TESTS_RUN[0] += 1
+
+
+def _counters() -> dict[str, Any]:
+    """This process's loads and cache counts (sent from xdist workers to the controller)."""
+    import sys
+
+    backbones = sys.modules.get("pytest_diffeval.metrics.backbones")
+    return {
+        "tests": _TESTS_RUN[0],
+        "cpu_s": round(time.process_time(), 1),
+        "pipelines": dict(_PIPELINES.loads) if _PIPELINES is not None else {},
+        "backbones": dict(getattr(backbones, "LOADS", {}) or {}),
+        "images": [_IMAGES.misses, _IMAGES.hits, str(_IMAGES.directory)] if _IMAGES is not None else None,
+        **{k: v for k, v in COUNTERS.as_dict().items() if k != "oom_backoffs"},
+    }
+
+
+def _counter_lines(where: str, counters: dict[str, Any]) -> list[str]:
+    """The ``-v`` summary lines of one process."""
+    lines = []
+    if where.startswith("gw"):
+        lines.append(f"diffeval work in {where}: {counters.get('tests', 0)} tests, {counters.get('cpu_s', 0)} s CPU")
+    pipelines, backbones = counters.get("pipelines") or {}, counters.get("backbones") or {}
+    if pipelines or backbones or counters.get("images"):
+        loads = f"diffeval loads in {where}: pipelines " + (", ".join(f"{k}: {v}" for k, v in pipelines.items())
+                                                            or "none")
+        if backbones:
+            loads += "; backbones " + ", ".join(f"{k}: {v}" for k, v in backbones.items())
+        lines.append(loads)
+    if counters.get("images"):
+        misses, hits, directory = counters["images"]
+        line = f"diffeval images in {where}: {misses} generated, {hits} from the cache {directory}"
+        if counters.get("lazy_hits"):
+            line += f" ({counters['lazy_hits']} generate() calls read only from the cache)"
+        lines.append(line)
+    if counters.get("feature_hits") or counters.get("feature_misses"):
+        lines.append(f"diffeval features in {where}: {counters['feature_misses']} computed, "
+                     f"{counters['feature_hits']} from the cache {counters.get('feature_dir')}")
+    if counters.get("plan_tests"):
+        lines.append(f"diffeval plans in {where}: {counters['plan_tests']} planned tests; {counters['plan_samples']} "
+                     f"samples generated for them in {counters['plan_batches']} batches")
+    return lines
 
 
 def _pytest_cache_dir(config: pytest.Config) -> Path | None:
@@ -196,7 +424,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """On the controller (all workers' rows are in by now): write ``metrics.json``, the HTML
     report and, on GitHub Actions, the step summary."""
     config = session.config
-    if _is_worker(config) or not _ROWS:
+    if _is_worker(config):
+        config.workeroutput["diffeval_counters"] = _counters()  # type: ignore[attr-defined]
+        return
+    if not _ROWS:
         return
     from . import __version__
     from .report import write_outputs
@@ -208,6 +439,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "rootdir": str(config.rootpath),
         "args": [str(a) for a in config.invocation_params.args],
         "workers": getattr(config.option, "numprocesses", None) or 0,
+        "shard": config.getoption("diffeval_shard") or None,
         "results_always": settings.current().results_always,
     }
     config.stash[_OUTPUTS] = write_outputs(
@@ -233,15 +465,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                 terminalreporter.write_line(f"diffeval step summary appended to {outputs.step_summary}")
             for error in outputs.errors:
                 terminalreporter.write_line(f"diffeval: {error}", yellow=True)
-    if config.getoption("verbose") > 0 and _PIPELINES is not None and _PIPELINES.loads:
-        from .metrics.backbones import LOADS
-
-        terminalreporter.write_line("diffeval loads in this process: pipelines " +
-                                    ", ".join(f"{k}: {v}" for k, v in _PIPELINES.loads.items()) +
-                                    ("; backbones " + ", ".join(f"{k}: {v}" for k, v in LOADS.items()) if LOADS else ""))
-    if config.getoption("verbose") > 0 and _IMAGES is not None:
-        terminalreporter.write_line(f"diffeval images in this process: {_IMAGES.misses} generated, "
-                                    f"{_IMAGES.hits} from the cache {_IMAGES.directory}")
+    if config.getoption("verbose") > 0:
+        for line in _counter_lines("this process", _counters()):
+            terminalreporter.write_line(line)
+        for worker in sorted(_WORKER_COUNTERS, key=lambda w: (len(w), w)):
+            for line in _counter_lines(worker, _WORKER_COUNTERS[worker]):
+                terminalreporter.write_line(line)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -280,30 +509,89 @@ def diffusion_pipeline(request: pytest.FixtureRequest, diffeval_device: str) -> 
 
 
 @pytest.fixture
-def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., Any]) -> Callable[..., ImageSet]:
+def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., Any],
+             diffeval_device: str) -> Callable[..., ImageSet]:
     """Factory: ``generate(source_or_pipeline, prompts, *, seeds=(0,), batch_size=None,
-    **call_kwargs)`` returns an :class:`ImageSet`, one image per (prompt, seed)."""
+    **call_kwargs)`` returns an :class:`ImageSet`, one image per (prompt, seed).
 
-    def run(source_or_pipeline: Any, prompts: Any, *, seeds: Any = (0,), batch_size: int | None = None,
+    Samples in the image cache are read, not generated; when all of a call's samples are
+    cached the pipeline is not even loaded.  In a test with a ``diffeval_plan`` whose plan
+    covers the call, the plan's samples are generated first, in full batches."""
+
+    def run(source_or_pipeline: Any, prompts: Any = None, *, seeds: Any = (0,), batch_size: int | None = None,
             **call_kwargs: Any) -> ImageSet:
         from .generation import generate_images
+        from .planning import ensure_plan, images_from_cache, memory_image_cache, plain_text_to_image
 
-        pipe = source_or_pipeline
-        if isinstance(source_or_pipeline, (str, os.PathLike)):
-            pipe = diffusion_pipeline(source_or_pipeline)
+        nodeid = request.node.nodeid
         size = batch_size or int(_value(request.config, "diffeval_batch_size"))
-        images = generate_images(pipe, prompts, seeds=seeds, batch_size=size, test_id=request.node.nodeid,
-                                 cache=image_cache(request.config), **call_kwargs)
+        disk = image_cache(request.config)
+        cache = disk
+        by_name = isinstance(source_or_pipeline, (str, os.PathLike))
+        loaded: list[Any] = []
+
+        def pipe() -> Any:
+            if not loaded:
+                loaded.append(diffusion_pipeline(source_or_pipeline) if by_name else source_or_pipeline)
+            return loaded[0]
+
+        memo = provenance_memo() if by_name and disk is not None else None
+        memo_key = None
+        if memo is not None:
+            dtype = str(_value(request.config, "diffeval_dtype") or "auto")
+            memo_key = memo.key(os.fspath(_override(source_or_pipeline)), dtype, diffeval_device)
+        plain = plain_text_to_image(prompts, call_kwargs)
+        seed_list = [int(s) for s in seeds]
+
+        unit = _PLANNER.unit(nodeid)
+        if unit is not None:
+            plan = unit.plan
+            if plain is None:
+                why: str | None = "the call is not a plain text-to-image call (input images, class labels)"
+            elif by_name:
+                why = plan.mismatch(os.fspath(source_or_pipeline), plain, seed_list, call_kwargs)
+            else:
+                model = (getattr(source_or_pipeline, "_diffeval_provenance", None) or {}).get("model")
+                why = plan.mismatch(plan.model if model == os.fspath(_override(plan.model)) else str(model),
+                                    plain, seed_list, call_kwargs)
+            if why is None:
+                if cache is None:
+                    unit.memory = unit.memory or memory_image_cache()
+                    cache = unit.memory
+                ensure_plan(unit, load=pipe, cache=cache, batch_size=size, memo=memo, memo_key=memo_key,
+                            test_id=nodeid)
+                COUNTERS.plan_tests += 1
+            else:
+                _PLANNER.warn_once(nodeid, f"pytest-diffeval: {nodeid} has a diffeval_plan but its generate() call is "
+                                           f"not covered by it ({why}); it is generated on its own")
+
+        images = None
+        if memo is not None and plain is not None and disk is not None:
+            provenance = memo.get(memo_key)
+            if provenance is not None:
+                images = images_from_cache(disk, provenance, plain, seed_list, call_kwargs, nodeid)
+        if images is None:
+            images = generate_images(pipe(), prompts, seeds=seed_list, batch_size=size, test_id=nodeid, cache=cache,
+                                     **call_kwargs)
+            if memo is not None:
+                memo.put(memo_key, _jsonable_provenance(images.provenance))
 
         def regenerate(*, batch_size: int = size) -> ImageSet:
             """The same generation again, uncached (for --diffeval-calibrate)."""
-            return generate_images(pipe, prompts, seeds=seeds, batch_size=batch_size, test_id=request.node.nodeid,
+            return generate_images(pipe(), prompts, seeds=seed_list, batch_size=batch_size, test_id=nodeid,
                                    **call_kwargs)
 
         images.regenerate = regenerate
         return images
 
     return run
+
+
+def _jsonable_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Provenance as the memo stores it; ``repr`` for odd values, as the image-cache key does."""
+    import json
+
+    return json.loads(json.dumps(provenance, default=repr))
 
 
 @pytest.fixture

@@ -3,13 +3,16 @@ files or folders, or a baseline folder and a results directory's ``metrics.json`
 reviewer of a baseline update sees which numbers moved and which samples moved most.
 
 ``python -m pytest_diffeval baselines list [DIR]`` and ``... baselines diff A B`` (see
-``__main__``).  Nothing here imports torch.
+``__main__``); ``... results merge DIR... --out DIR`` merges the results directories of
+several runners (shards) into one.  Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
@@ -350,3 +353,158 @@ def diff(a: Source, b: Source, out: TextIO, *, top: int = 5) -> list[Change]:
               f"{counts.get('unchanged', 0)} unchanged), {counts.get('added', 0)} only in B (added), "
               f"{counts.get('removed', 0)} only in A (removed)\n")
     return changes
+
+
+# --------------------------------------------------------------------------- merging results
+
+
+@dataclass
+class Merged:
+    """What :func:`merge_results` wrote."""
+
+    out: Path
+    tests: int
+    checks: int
+    failed_tests: int
+    failed_checks: int
+    images: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _results_document(directory: Path) -> dict[str, Any]:
+    path = directory / "metrics.json" if directory.is_dir() else directory
+    if not path.is_file():
+        raise ReviewError(f"{directory}: no metrics.json here; pass the results directories of the runs "
+                          "(--diffeval-results, default ./diffeval-results)")
+    read_results(path)  # validates the format (raises ReviewError naming the file)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _find_baseline(recorded: str | None, root: Path) -> str | None:
+    """A baseline file recorded on another machine: its own path if it exists here, else the
+    longest trailing part of that path that exists under ``root``."""
+    if not recorded:
+        return recorded
+    path = Path(recorded)
+    if path.is_file():
+        return recorded
+    parts = path.parts[1:] if path.is_absolute() else path.parts
+    for start in range(len(parts)):
+        candidate = root.joinpath(*parts[start:])
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return recorded
+
+
+def _row(check: dict[str, Any]) -> dict[str, Any]:
+    """A ``metrics.json`` check as the report functions take it (per-sample lists)."""
+    row = {k: v for k, v in check.items() if k not in ("samples", "passed")}
+    samples = check.get("samples") or []
+    if samples:
+        row["per_sample"] = [s.get("value") for s in samples]
+        row["prompts"] = [s.get("prompt") for s in samples]
+        row["seeds"] = [s.get("seed") for s in samples]
+    return row
+
+
+def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_duplicates: bool = False,
+                  root: str | Path = ".") -> Merged:
+    """Merge results directories (one per shard or runner) into ``out``: one ``metrics.json``
+    with every check, the image folders of the checks, and the HTML report regenerated from
+    the merged checks.  A test found in two directories is an error (overlapping shards)
+    unless ``allow_duplicates``, when the later directory wins."""
+    from .report import FORMAT_VERSION, atomic_write_text, is_test_failed, ordered_tests, render_html
+
+    sources = [Path(s) for s in sources]
+    out = Path(out)
+    if not sources:
+        raise ReviewError("nothing to merge: pass two or more results directories")
+    for source in sources:
+        if source.resolve() == out.resolve():
+            raise ReviewError(f"{out}: the output directory is one of the inputs; choose a new --out")
+    documents = [(source, _results_document(source)) for source in sources]
+    owner: dict[str, Path] = {}
+    for source, document in documents:
+        for test in {str(c["test"]) for c in document["checks"]} | {str(t.get("test")) for t in document.get("tests", [])}:
+            if test in owner and owner[test] != source and not allow_duplicates:
+                raise ReviewError(f"{test} is in both {owner[test]} and {source}: overlapping shards? "
+                                  "(--allow-duplicates keeps the later directory's results)")
+            owner[test] = source
+    notes: list[str] = []
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    outcomes: dict[str, str] = {}
+    copied: dict[str, Path] = {}
+    for source, document in documents:
+        for test in document.get("tests", []):
+            if owner.get(str(test.get("test"))) == source and test.get("outcome"):
+                outcomes[str(test["test"])] = str(test["outcome"])
+        for check in document["checks"]:
+            if owner[str(check["test"])] != source:
+                continue
+            check = dict(check)
+            if check.get("images"):
+                check["images"] = _copy_images(Path(check["images"]), source, out, copied, notes)
+            check["baseline_file"] = _find_baseline(check.get("baseline_file"), Path(root))
+            checks.append(check)
+            rows.append(_row(check))
+    tests = ordered_tests(rows, outcomes)
+    order = {test: index for index, (test, _) in enumerate(tests)}
+    checks.sort(key=lambda c: order[str(c["test"])])  # stable: each test's checks keep their order
+    metas = [document for _, document in documents]
+    meta = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pytest_diffeval": metas[0].get("pytest_diffeval"),
+        "exitstatus": max(int(m.get("exitstatus") or 0) for m in metas),
+        "rootdir": metas[0].get("rootdir"),
+        "args": ["results", "merge", *[str(s) for s in sources]],
+        "workers": sum(int(m.get("workers") or 0) for m in metas),
+        "results_always": any(m.get("results_always") for m in metas),
+        "results_dir": str(out),
+        "report": str(out / "report.html"),
+        "merged_from": [{"path": str(s), **{k: d.get(k) for k in ("created", "shard", "exitstatus", "args", "workers")}}
+                        for s, d in documents],
+    }
+    document = {
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "summary": {
+            "tests": len(tests),
+            "failed_tests": sum(is_test_failed(r, outcomes.get(t)) for t, r in tests),
+            "checks": len(checks),
+            "failed_checks": sum(not c.get("passed", False) for c in checks),
+        },
+        "tests": [{"test": t, "failed": is_test_failed(r, outcomes.get(t)), "outcome": outcomes.get(t),
+                   "checks": [c["metric"] for c in r]} for t, r in tests],
+        "checks": checks,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_text(out / "report.html", render_html(rows, meta, outcomes))
+    summary = document["summary"]
+    return Merged(out, summary["tests"], summary["checks"], summary["failed_tests"], summary["failed_checks"],
+                  len(copied), notes)
+
+
+def _copy_images(recorded: Path, source: Path, out: Path, copied: dict[str, Path], notes: list[str]) -> str | None:
+    """Copy a check's image folder into ``out`` (once); return its new path."""
+    import shutil
+
+    key = str(recorded)
+    if key in copied:
+        return str(copied[key])
+    folder = source / recorded.name  # the results directory moved (a CI artifact): find it by name
+    if not folder.is_dir():
+        folder = recorded
+    if not folder.is_dir():
+        notes.append(f"images of a check are missing: looked for {source / recorded.name} and {recorded}")
+        return None
+    target = out / recorded.name
+    if folder.resolve() != target.resolve():
+        tmp = out / f".{recorded.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    copied[key] = target.resolve()
+    return str(copied[key])

@@ -1,15 +1,20 @@
 """Metric backbones (CLIP), loaded once per process and identified precisely, because
-scores from different backbones are not comparable."""
+scores from different backbones are not comparable; and the on-disk feature cache that
+spares a rerun every backbone pass it already did."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .. import settings
 from ..pipelines import model_fingerprint
 
 LOADS: dict[str, int] = {}  # backbone id -> loads in this process
@@ -34,25 +39,145 @@ def resolve_model_dir(name: str) -> tuple[str, Path | None]:
     return name, None
 
 
+class FeatureCache:
+    """Backbone outputs on disk, one safetensors file per sample, keyed by the backbone's
+    content id, what was computed (image or text features), the device kind, library
+    versions and the content hash of the sample's processed input tensor.  Only the samples
+    not found are computed (in one batch); a corrupt entry is recomputed, never trusted;
+    writes are atomic (temporary file, then ``os.replace``)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def key(self, backbone: str, kind: str, row: torch.Tensor, context: str) -> str:
+        data = row.detach().to("cpu").contiguous()
+        digest = hashlib.sha256(f"{backbone}|{kind}|{context}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str, backbone: str) -> torch.Tensor | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                if (handle.metadata() or {}).get("backbone") != backbone:
+                    return None
+                return handle.get_tensor("features")
+        except Exception:  # noqa: BLE001 - a corrupt entry is a miss
+            return None
+
+    def put(self, key: str, backbone: str, features: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp), metadata={"backbone": backbone})
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a read-only or full cache costs a recomputation, not the test
+
+    def lookup(self, backbone: str, kind: str, rows: torch.Tensor, context: str,
+               compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``compute(rows)``, with each row's output read from the cache when there and the
+        rest computed in one call and stored."""
+        from ..planning import COUNTERS
+
+        keys = [self.key(backbone, kind, row, context) for row in rows]
+        found = {key: self.get(key, backbone) for key in dict.fromkeys(keys)}
+        missing = [key for key, value in found.items() if value is None]  # each distinct input once
+        COUNTERS.feature_hits += len(rows) - len(missing)
+        COUNTERS.feature_misses += len(missing)
+        dtype = None
+        if missing:
+            first = {key: keys.index(key) for key in missing}
+            selected = [first[key] for key in missing]
+            computed = compute(rows if len(selected) == len(rows) else rows[selected])
+            dtype = computed.dtype
+            for key, features in zip(missing, computed):
+                self.put(key, backbone, features)
+                found[key] = features
+        dtype = dtype or found[keys[0]].dtype  # type: ignore[union-attr]
+        return torch.stack([found[key].to(device=rows.device, dtype=dtype) for key in keys])  # type: ignore[union-attr]
+
+
+_FEATURES: FeatureCache | None = None
+
+
+def feature_cache() -> FeatureCache | None:
+    """The feature cache under ``settings.current().cache_dir`` (None without a cache dir or
+    with ``--diffeval-no-cache``)."""
+    global _FEATURES
+    from ..planning import COUNTERS
+
+    directory = settings.current().cache_dir
+    if directory is None or not COUNTERS.feature_cache_enabled:
+        return None
+    path = Path(directory) / "features"
+    if _FEATURES is None or _FEATURES.directory != path:
+        _FEATURES = FeatureCache(path)
+    COUNTERS.feature_dir = str(path)
+    return _FEATURES
+
+
+def _context(device: Any) -> str:
+    """What besides the backbone and the input changes its output: device kind, versions."""
+    return _context_of(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _context_of(device: str) -> str:
+    import transformers
+
+    from ..generation import device_kind
+
+    return f"{device_kind(device)}|torch {torch.__version__}|transformers {transformers.__version__}"
+
+
 class _ClipAdapter(torch.nn.Module):
     """Gives torchmetrics' CLIP-score code the tensors it expects: with transformers 5,
     ``get_image_features`` returns an output object whose ``pooler_output`` is the
-    projected embedding."""
+    projected embedding.  With a ``cache_id`` (the backbone's content id) every pass goes
+    through the feature cache."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, cache_id: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = model.config
+        self.cache_id = cache_id
 
     @staticmethod
     def _tensor(output: Any) -> torch.Tensor:
         return output if isinstance(output, torch.Tensor) else output.pooler_output
 
+    def _cached(self, kind: str, rows: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        cache = feature_cache() if self.cache_id else None
+        if cache is None or len(rows) == 0:
+            return compute(rows)
+        return cache.lookup(self.cache_id, kind, rows, _context(rows.device), compute)  # type: ignore[arg-type]
+
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self._tensor(self.model.get_image_features(pixel_values=pixel_values, **kwargs))
+        def compute(pixels: torch.Tensor) -> torch.Tensor:
+            return self._tensor(self.model.get_image_features(pixel_values=pixels, **kwargs))
+
+        return self._cached("image", pixel_values, compute) if not kwargs else compute(pixel_values)
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+        def compute(rows: torch.Tensor) -> torch.Tensor:
+            ids, mask = (rows[:, 0], rows[:, 1]) if rows.dim() == 3 else (rows, None)
+            return self._tensor(self.model.get_text_features(input_ids=ids, attention_mask=mask, **kwargs))
+
+        if kwargs:
+            return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+        rows = input_ids if attention_mask is None else torch.stack([input_ids, attention_mask.to(input_ids.dtype)], 1)
+        return self._cached("text", rows, compute)
 
 
 class _TruncatingProcessor:
@@ -77,6 +202,7 @@ class ClipBackbone:
     model: Any
     processor: Any
     device: str
+    cache_id: str | None = None  # content identity for the feature cache (None: never cached)
 
     @property
     def max_length(self) -> int:
@@ -88,7 +214,7 @@ class ClipBackbone:
 
     def as_torchmetrics(self) -> tuple[_ClipAdapter, _TruncatingProcessor]:
         """The ``(model, processor)`` pair torchmetrics' ``clip_score`` accepts from a callable."""
-        return _ClipAdapter(self.model), _TruncatingProcessor(self.processor, self.max_length)
+        return _ClipAdapter(self.model, self.cache_id), _TruncatingProcessor(self.processor, self.max_length)
 
     def warn_long_prompts(self, prompts: list[str]) -> list[str]:
         """Warn, naming each prompt longer than the text encoder takes; return them."""
@@ -148,10 +274,20 @@ def load_clip(name: str, device: str = "cpu") -> ClipBackbone:
             "set --diffeval-clip-model / ini diffeval_clip_model, or use the embedded 'diffeval/tiny-clip'."
         ) from exc
     model = model.to(device).eval()
-    backbone = ClipBackbone(id=backbone_id, model=model, processor=processor, device=device)
+    backbone = ClipBackbone(id=backbone_id, model=model, processor=processor, device=device,
+                            cache_id=_cache_id(backbone_id, path, model))
     _CACHE[key] = backbone
     LOADS[backbone_id] = LOADS.get(backbone_id, 0) + 1
     return backbone
+
+
+def _cache_id(backbone_id: str, path: Path | None, model: Any) -> str | None:
+    """Local and embedded backbones are identified by content; a hub backbone by the commit
+    it was loaded from (None, never cached, when that is unknown)."""
+    if path is not None:
+        return backbone_id
+    commit = getattr(model.config, "_commit_hash", None)
+    return f"{backbone_id}@{commit}" if commit else None
 
 
 def clip_features_module(backbone: ClipBackbone) -> torch.nn.Module:

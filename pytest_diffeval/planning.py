@@ -1,0 +1,538 @@
+"""Generation planning: what makes many small tests cost what one big test costs.
+
+* :class:`Plan` - ``@pytest.mark.diffeval_plan(model, prompts, seeds=..., **call_kwargs)`` on a
+  test or a module, read at collection: the first ``generate`` call of a planned test
+  generates the samples of every planned test (of its scheduling unit) in full batches, into
+  the image cache (or an in-memory store without one); each test then reads its own.
+* :func:`call_with_oom_backoff` - a batch that runs out of CUDA memory is halved and retried.
+* :class:`ProvenanceMemo` - what a loaded pipeline's provenance was, on disk, so a rerun whose
+  images are all cached does not load the pipeline at all.
+* :data:`COUNTERS` - hits and misses of the caches, for the ``-v`` summary.
+
+Nothing here imports torch at module level (the plugin imports this module in every run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+# --------------------------------------------------------------------------- counters
+
+
+@dataclass
+class Counters:
+    """What the caches and plans did in this process (reset at each pytest session)."""
+
+    feature_hits: int = 0
+    feature_misses: int = 0
+    feature_dir: str | None = None
+    feature_cache_enabled: bool = True  # --diffeval-no-cache turns it off
+    plan_units: int = 0  # planned generations run (one per plan and scheduling unit)
+    plan_samples: int = 0  # samples those generated (cached ones excluded)
+    plan_batches: int = 0
+    plan_tests: int = 0  # planned tests whose generate() call the plan served
+    lazy_hits: int = 0  # generate() calls answered from the cache without loading the pipeline
+    oom_backoffs: list[str] = field(default_factory=list)
+
+    def reset(self, *, feature_cache: bool = True) -> None:
+        for name, value in Counters().__dict__.items():
+            setattr(self, name, value)
+        self.feature_cache_enabled = feature_cache
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+COUNTERS = Counters()
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _fingerprint(value: Any) -> Any:
+    from .generation import _fingerprint as fingerprint
+
+    return fingerprint(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The generations that a group of tests will ask for, declared up front."""
+
+    model: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    call_kwargs: dict[str, Any]
+    batch_size: int | None = None
+
+    @property
+    def id(self) -> str:
+        material = [self.model, list(self.prompts), list(self.seeds), _fingerprint(self.call_kwargs)]
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_marker(cls, mark: Any, where: str) -> "Plan":
+        """``diffeval_plan(model, prompts, seeds=(0,), batch_size=None, **call_kwargs)``."""
+        args, kwargs = list(mark.args), dict(mark.kwargs)
+        usage = ("use @pytest.mark.diffeval_plan(model, prompts, seeds=range(4), **call_kwargs), "
+                 "with the same model, seeds and call arguments the tests pass to generate()")
+        model = args.pop(0) if args else kwargs.pop("model", None)
+        prompts = args.pop(0) if args else kwargs.pop("prompts", None)
+        if args:
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan takes model and prompts positionally, "
+                             f"everything else by keyword; {usage}")
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan needs the model as a name or path "
+                             f"(got {model!r}); {usage}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan needs a non-empty list of prompts (str); {usage}")
+        seeds = kwargs.pop("seeds", (0,))
+        batch_size = kwargs.pop("batch_size", None)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan batch_size must be an int >= 1, got {batch_size!r}")
+        try:
+            seeds = tuple(int(s) for s in seeds)
+        except (TypeError, ValueError):
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan seeds must be ints, got {seeds!r}") from None
+        if not seeds:
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan got an empty seed list")
+        return cls(os.fspath(model), tuple(dict.fromkeys(prompts)), seeds, kwargs, batch_size)
+
+    def own_prompts(self, params: dict[str, Any]) -> list[str] | None:
+        """The prompts one test asks for, read from its parameters (a parameter whose value
+        is one of the plan's prompts, or a list of them); None when no parameter says."""
+        known = set(self.prompts)
+        found: list[str] = []
+        for value in params.values():
+            if isinstance(value, str) and value in known:
+                found.append(value)
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v in known for v in value):
+                found.extend(value)
+        return list(dict.fromkeys(found)) or None
+
+    def mismatch(self, model: str, prompts: Sequence[Any], seeds: Sequence[int], call_kwargs: dict[str, Any]) -> str | None:
+        """Why a ``generate()`` call is not one this plan covers (None when it is)."""
+        if os.fspath(model) != self.model:
+            return f"model {os.fspath(model)!r} is not the plan's {self.model!r}"
+        outside = [p for p in prompts if p not in set(self.prompts)]
+        if outside:
+            return f"prompt {outside[0]!r} is not among the plan's {len(self.prompts)} prompts"
+        extra = sorted(set(int(s) for s in seeds) - set(self.seeds))
+        if extra:
+            return f"seed {extra[0]} is not among the plan's seeds {list(self.seeds)}"
+        if _fingerprint(call_kwargs) != _fingerprint(self.call_kwargs):
+            names = sorted(set(call_kwargs) | set(self.call_kwargs))
+            differ = [n for n in names if _fingerprint(call_kwargs.get(n)) != _fingerprint(self.call_kwargs.get(n))]
+            return "call arguments differ: " + ", ".join(
+                f"{n}={call_kwargs.get(n, '<not given>')!r} (plan: {self.call_kwargs.get(n, '<not given>')!r})"
+                for n in differ)
+        return None
+
+
+@dataclass
+class PlanUnit:
+    """The planned tests that run together in one process (all of them without xdist, one
+    scheduling unit's under ``-n``): their samples are generated in one go."""
+
+    plan: Plan
+    tests: list[str]
+    prompts: list[str]  # the union of the tests' own prompts, in plan order
+    done: bool = False
+    memory: Any = None  # MemoryImageCache when there is no disk cache
+    pending: set[str] = field(default_factory=set)
+
+
+class Planner:
+    """The session's plans: which test belongs to which plan and unit."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, Plan] = {}
+        self.test_plan: dict[str, str] = {}  # nodeid -> plan id
+        self.test_prompts: dict[str, list[str] | None] = {}
+        self.units: dict[tuple[str, str], PlanUnit] = {}
+        self.unit_of: dict[str, str] = {}  # nodeid -> scheduling unit (under -n with the model scheduler)
+        self.warned: set[str] = set()
+
+    def collect(self, items: Iterable[Any]) -> None:
+        """Read the ``diffeval_plan`` marker of each selected test."""
+        self.__init__()  # type: ignore[misc]
+        for item in items:
+            mark = item.get_closest_marker("diffeval_plan")
+            if mark is None:
+                continue
+            plan = Plan.from_marker(mark, item.nodeid)
+            self.plans.setdefault(plan.id, plan)
+            self.test_plan[item.nodeid] = plan.id
+            params = getattr(getattr(item, "callspec", None), "params", {}) or {}
+            self.test_prompts[item.nodeid] = plan.own_prompts(params)
+
+    def unit(self, nodeid: str) -> PlanUnit | None:
+        """The plan unit of a test (None when it has no plan)."""
+        plan_id = self.test_plan.get(nodeid)
+        if plan_id is None:
+            return None
+        scope = self.unit_of.get(nodeid, "")
+        key = (plan_id, scope)
+        if key not in self.units:
+            tests = [t for t, p in self.test_plan.items() if p == plan_id and self.unit_of.get(t, "") == scope]
+            plan = self.plans[plan_id]
+            wanted: set[str] = set()
+            for test in tests:
+                wanted.update(self.test_prompts.get(test) or plan.prompts)
+            prompts = [p for p in plan.prompts if p in wanted]
+            self.units[key] = PlanUnit(plan, tests, prompts, pending=set(tests))
+        return self.units[key]
+
+    def finished(self, nodeid: str) -> None:
+        """A test is done: free its unit's in-memory images once every test of the unit ran."""
+        plan_id = self.test_plan.get(nodeid)
+        if plan_id is None:
+            return
+        unit = self.units.get((plan_id, self.unit_of.get(nodeid, "")))
+        if unit is not None:
+            unit.pending.discard(nodeid)
+            if not unit.pending:
+                unit.memory = None
+
+    def warn_once(self, nodeid: str, message: str) -> None:
+        if nodeid not in self.warned:
+            self.warned.add(nodeid)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def memory_image_cache() -> Any:
+    """An :class:`~pytest_diffeval.generation.ImageCache` that keeps images in memory
+    (for plans when there is no disk cache); counted apart from the disk cache."""
+    from .generation import ImageCache
+
+    class MemoryImageCache(ImageCache):
+        def __init__(self) -> None:
+            super().__init__("<memory>")
+            self.store: dict[str, tuple[Any, bool]] = {}
+
+        def get(self, key: str | None) -> Any:
+            if key is None or key not in self.store:
+                return None
+            self.hits += 1
+            return self.store[key]
+
+        def put(self, key: str | None, image: Any, nonfinite: bool) -> None:
+            if key is not None:
+                self.store[key] = (image, nonfinite)
+
+    return MemoryImageCache()
+
+
+# --------------------------------------------------------------------------- OOM back-off
+
+_BATCH_LIMITS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # pipe -> batch that fit
+# Pipeline arguments generate_images builds per sample (one entry per image of the batch).
+PER_SAMPLE_ARGUMENTS = frozenset({"prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "class_labels",
+                                  "image", "mask_image", "example_image", "generator"})
+
+
+class _Output:
+    def __init__(self, images: Any) -> None:
+        self.images = images
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_cuda_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def call_with_oom_backoff(pipe: Any, generators: list[Any], **kwargs: Any) -> Any:
+    """``pipe(generator=generators, **kwargs)``; on CUDA out-of-memory the batch is split in
+    halves and retried (down to one image), each generator rewound to its state before the
+    failed try, so the images are those of an undisturbed run.  The size that worked is kept
+    for this pipeline's later batches and named in a warning.  Returns the pipeline's output
+    (or, after a split, an object whose ``images`` are the batch's images in order)."""
+    n = len(generators)
+    limit = min(n, _batch_limit(pipe) or n)
+    failed_at: int | None = None
+    parts: list[Any] = []
+    output: Any = None
+    start = 0
+    while start < n:
+        size = min(limit, n - start)
+        gens = list(generators[start : start + size])
+        states = [g.get_state() for g in gens]
+        try:
+            output = pipe(generator=gens, **_slice(kwargs, start, size, n))
+        except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled
+            if not _is_cuda_oom(exc):
+                raise
+            if size == 1:
+                exc.add_note(f"pytest-diffeval: CUDA out of memory even at batch size 1 on "
+                             f"{getattr(pipe, 'device', '?')}; fix: a smaller image size, float16 "
+                             "(--diffeval-dtype=float16) or a GPU with more free memory")
+                raise
+            del exc
+            for generator, state in zip(gens, states):
+                generator.set_state(state)
+            _free_cuda_memory()
+            failed_at = failed_at or size
+            limit = max(1, size // 2)
+            continue
+        parts.append(_images_of(output))
+        start += size
+    if failed_at is not None:
+        _set_batch_limit(pipe, limit)
+        message = (f"pytest-diffeval: CUDA out of memory at batch size {failed_at}; batch size {limit} worked and "
+                   f"is used for this pipeline's later batches (--diffeval-batch-size={limit} starts there)")
+        COUNTERS.oom_backoffs.append(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return output if len(parts) == 1 else _Output(_concat(parts))
+
+
+def _batch_limit(pipe: Any) -> int | None:
+    try:
+        return _BATCH_LIMITS.get(pipe)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _set_batch_limit(pipe: Any, limit: int) -> None:
+    try:
+        _BATCH_LIMITS[pipe] = limit
+    except TypeError:
+        pass
+
+
+def _slice(kwargs: dict[str, Any], start: int, size: int, n: int) -> dict[str, Any]:
+    out = {}
+    for name, value in kwargs.items():
+        if name in PER_SAMPLE_ARGUMENTS and isinstance(value, (list, tuple)) and len(value) == n:
+            out[name] = list(value[start : start + size])
+        elif name == "batch_size" and value == n:  # unconditional pipelines take the batch size
+            out[name] = size
+        else:
+            out[name] = value
+    return out
+
+
+def _images_of(output: Any) -> Any:
+    return output.images if hasattr(output, "images") else output[0]
+
+
+def _concat(parts: list[Any]) -> Any:
+    import numpy as np
+
+    if type(parts[0]).__name__ == "Tensor":
+        import torch
+
+        return torch.cat(list(parts))
+    if isinstance(parts[0], list):
+        return [image for part in parts for image in part]
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+# --------------------------------------------------------------------------- lazy pipelines
+
+
+def _versions() -> dict[str, str]:
+    """Library versions without importing the libraries (what the memo is valid for)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"pytest_diffeval": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "torchmetrics", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def _code_digest() -> str:
+    """The generation code itself: a changed provenance or key recipe invalidates the memo."""
+    digest = hashlib.sha256()
+    for name in ("generation.py", "pipelines.py", "pixel_pipeline.py"):
+        path = Path(__file__).with_name(name)
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _stat_listing(path: Path) -> list[tuple[str, int, int]]:
+    """``(name, size, mtime_ns)`` of the model's files: a changed weight file changes it
+    (like git's index, the content hash is recomputed only when this changes)."""
+    listing = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        stat = file.stat()
+        listing.append((rel, stat.st_size, stat.st_mtime_ns))
+    return listing
+
+
+class ProvenanceMemo:
+    """The provenance of pipelines loaded before, keyed by the model folder's file listing
+    (names, sizes, mtimes), the load options, library versions and this package's
+    generation code.  With it, the image-cache keys of a ``generate()`` call are known
+    without loading the pipeline, and a call whose samples are all cached loads nothing."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._keys: dict[tuple[str, str, str], str | None] = {}
+        self._stored: set[str] = set()
+
+    def key(self, source: str, dtype: str, device: str) -> str | None:
+        memo = (source, dtype, device)
+        if memo not in self._keys:
+            self._keys[memo] = self._compute_key(source, dtype, device)
+        return self._keys[memo]
+
+    def _compute_key(self, source: str, dtype: str, device: str) -> str | None:
+        from .pipelines import resolve_source
+
+        kind, path = resolve_source(source)
+        if path is None:
+            from .pipelines import _hub_snapshot
+
+            path = _hub_snapshot(source, None)
+            if path is None:
+                return None
+        material = {"source": source, "kind": kind, "path": str(path), "files": _stat_listing(path),
+                    "dtype": dtype, "device": device, "versions": _versions(), "code": _code_digest()}
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str | None) -> dict[str, Any] | None:
+        if key is None:
+            return None
+        try:
+            data = json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # absent or corrupt: load the pipeline
+        return data if isinstance(data, dict) and data.get("model_hash") else None
+
+    def put(self, key: str | None, provenance: dict[str, Any]) -> None:
+        if key is None or key in self._stored:
+            return
+        self._stored.add(key)
+        from .report import atomic_write_text
+
+        try:
+            atomic_write_text(self._path(key), json.dumps(provenance, sort_keys=True, default=str))
+        except OSError:
+            pass  # a read-only cache only costs a load next time
+
+
+# Arguments that make generate_images key a sample by more than (call kwargs, prompt, seed).
+_NOT_PLAIN = frozenset({"source_images", "masks", "exemplars", "class_labels", "source_captions", "target_captions",
+                        "image", "mask_image", "example_image"})
+
+
+def plain_text_to_image(prompts: Any, call_kwargs: dict[str, Any]) -> list[str] | None:
+    """The prompts of a plain text-to-image call (whose cache keys are known without the
+    pipeline), else None."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        return None
+    if _NOT_PLAIN & set(call_kwargs):
+        return None
+    return list(prompts)
+
+
+def cached_keys(cache: Any, provenance: dict[str, Any], prompts: Sequence[str], seeds: Sequence[int],
+                call_kwargs: dict[str, Any]) -> list[str] | None:
+    """The image-cache keys of every ``(prompt, seed)`` sample when all are on disk, else None."""
+    keys = [cache.key(provenance, call_kwargs, p, int(s)) for p in prompts for s in seeds]
+    if any(k is None or not cache._path(k).is_file() for k in keys):
+        return None
+    return keys
+
+
+def images_from_cache(cache: Any, provenance: dict[str, Any], prompts: Sequence[str], seeds: Sequence[int],
+                      call_kwargs: dict[str, Any], test_id: str | None) -> Any:
+    """The :class:`ImageSet` ``generate_images`` would return, read from the cache without
+    the pipeline; None when a sample is missing or unreadable (then generate normally)."""
+    import numpy as np
+
+    from .generation import ImageSet, _jsonable
+
+    seeds = [int(s) for s in seeds]
+    keys = cached_keys(cache, provenance, prompts, seeds, call_kwargs)
+    if keys is None:
+        return None
+    before = cache.hits
+    results = []
+    for key in keys:
+        entry = cache.get(key)
+        if entry is None:  # corrupt: regenerate through the normal path
+            cache.hits = before
+            return None
+        results.append(entry)
+    COUNTERS.lazy_hits += 1
+    return ImageSet(
+        images=np.stack([r[0] for r in results]),
+        prompts=[p for p in prompts for _ in seeds],
+        seeds=[s for _ in prompts for s in seeds],
+        call_kwargs=_jsonable(call_kwargs),
+        provenance=dict(provenance),
+        test_id=test_id,
+        nonfinite=[r[1] for r in results],
+    )
+
+
+def ensure_plan(unit: PlanUnit, *, load: Callable[[], Any], cache: Any, batch_size: int, memo: ProvenanceMemo | None,
+                memo_key: str | None, test_id: str) -> None:
+    """Generate the samples of a plan unit that the cache lacks, in full batches (once)."""
+    if unit.done:
+        return
+    unit.done = True
+    plan = unit.plan
+    size = plan.batch_size or batch_size
+    provenance = memo.get(memo_key) if memo is not None else None
+    if provenance is not None and cached_keys(cache, provenance, unit.prompts, plan.seeds, plan.call_kwargs):
+        return  # a warm rerun: everything is on disk, nothing to load
+    from .generation import generate_images
+
+    pipe = load()
+    live = _provenance_of(pipe)
+    if cache.key(live, plan.call_kwargs, unit.prompts[0], plan.seeds[0]) is None:
+        warnings.warn(f"pytest-diffeval: the diffeval_plan of {test_id} cannot batch: its model {plan.model!r} has no "
+                      "content hash to key cached images by, so each test generates its own", UserWarning, stacklevel=3)
+        return
+    misses_before = cache.misses
+    generate_images(pipe, unit.prompts, seeds=plan.seeds, batch_size=size, test_id=test_id, cache=cache,
+                    **plan.call_kwargs)
+    generated = cache.misses - misses_before
+    COUNTERS.plan_units += 1
+    COUNTERS.plan_samples += generated
+    COUNTERS.plan_batches += -(-generated // size)
+    if memo is not None:
+        memo.put(memo_key, live)
+
+
+def _provenance_of(pipe: Any) -> dict[str, Any]:
+    from .generation import pipeline_provenance
+
+    return json.loads(json.dumps(pipeline_provenance(pipe), default=repr))

@@ -1,0 +1,134 @@
+"""Beyond one machine: ``--diffeval-shard=i/N`` picks a deterministic 1/N of the tests with
+each model's tests together (one CI runner per shard), and ``python -m pytest_diffeval
+results merge`` joins the runners' results directories into one, HTML report included."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_diffeval.__main__ import main
+from pytest_diffeval.generation import ImageSet
+from pytest_diffeval.report import write_outputs
+from pytest_diffeval.scheduling import Entry, assign_shards, parse_shard
+
+
+def suite(models: int, per_model: int, free: int = 0) -> list[Entry]:
+    out = [Entry(f"t{m}.py::test[{i}]", f"model:M{m}") for i in range(per_model) for m in range(models)]
+    return out + [Entry(f"free.py::test[{i}]", None) for i in range(free)]
+
+
+@pytest.mark.parametrize("models, shards", [(5, 2), (5, 3), (2, 4), (1, 3)])
+def test_shards_partition_the_suite_keeping_models_together_where_they_can(models: int, shards: int) -> None:
+    entries = suite(models, per_model=6, free=4)
+    assigned = assign_shards(entries, shards)
+    assert set(assigned) == {e.nodeid for e in entries} and set(assigned.values()) <= set(range(shards))
+    assert assign_shards(list(entries), shards) == assigned  # deterministic
+    sizes = [list(assigned.values()).count(s) for s in range(shards)]
+    assert max(sizes) - min(sizes) <= 6  # balanced to within one model's tests
+    per_model = {m: {assigned[e.nodeid] for e in entries if e.group == f"model:M{m}"} for m in range(models)}
+    if models >= shards:
+        assert all(len(s) == 1 for s in per_model.values())  # each model on one runner only
+    else:
+        assert all(len(s) == shards // models for s in per_model.values())  # spread over an equal share
+        assert all(not a & b for a in per_model.values() for b in per_model.values() if a is not b)
+
+
+def test_shard_values_are_checked() -> None:
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1/2/3"):
+        with pytest.raises(ValueError, match="--diffeval-shard"):
+            parse_shard(bad)
+
+
+SHARDED = """
+    import pytest
+
+    @pytest.mark.diffeval_model("model-a")
+    @pytest.mark.parametrize("i", range(3))
+    def test_a(i):
+        pass
+
+    @pytest.mark.diffeval_model("model-b")
+    @pytest.mark.parametrize("i", range(3))
+    def test_b(i):
+        pass
+
+    def test_free():
+        pass
+"""
+
+
+def test_shard_option_selects_complementary_shards(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sharded=textwrap.dedent(SHARDED))
+    selected = []
+    for index in (1, 2):
+        result = pytester.runpytest("--co", "-q", f"--diffeval-shard={index}/2")
+        selected.append({line for line in result.outlines if "::" in line})
+    assert not selected[0] & selected[1] and len(selected[0] | selected[1]) == 7
+    for shard in selected:
+        assert len({re.sub(r"\[\d\]", "", n) for n in shard if "test_free" not in n}) == 1  # one model per runner
+    bad = pytester.runpytest("--diffeval-shard=3/2")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["*--diffeval-shard=3/2: i must be between 1 and N*"])
+
+
+# --------------------------------------------------------------------------- results merge
+
+
+def results_dir(root: Path, test: str, value: float, verdict: str, shard: str) -> Path:
+    """A results directory as one runner leaves it: metrics.json, report.html and the images
+    of its (failed) check, written by the report code the plugin uses."""
+    out = root / f"results-{shard.replace('/', '-of-')}"
+    images = ImageSet(images=np.full((2, 8, 8, 3), 7 * len(test), dtype=np.uint8), prompts=["a cat", "a dog"],
+                      seeds=[0, 0])
+    folder = images.save(out / re.sub(r"\W+", "_", test))
+    row = {"test": test, "metric": "clip_score", "backbone": "tiny-clip@1", "value": value, "higher_is_better": True,
+           "verdict": verdict, "threshold": 30.0, "baseline": None, "tolerance": None, "delta": None,
+           "baseline_file": None, "per_sample": [value - 1, value + 1], "prompts": ["a cat", "a dog"], "seeds": [0, 0],
+           "provenance": {"model": "m"}, "details": {}, "images": str(folder)}
+    write_outputs([row], results_dir=out, report=out / "report.html",
+                  meta={"created": "2026-01-01T00:00:00Z", "exitstatus": 0 if verdict == "pass" else 1, "shard": shard},
+                  outcomes={test: "passed" if verdict == "pass" else "failed"})
+    return out
+
+
+def test_results_merge_joins_runners_into_one_metrics_json_and_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")
+    two = results_dir(tmp_path / "runner2", "test_m.py::test_b", 12.0, "below threshold", "2/2")
+    out = tmp_path / "merged"
+    assert main(["results", "merge", str(one), str(two), "--out", str(out)]) == 0
+    assert "2 tests (1 failed), 2 metric checks (1 failed)" in capsys.readouterr().out
+    merged = json.loads((out / "metrics.json").read_text())
+    assert merged["summary"] == {"tests": 2, "failed_tests": 1, "checks": 2, "failed_checks": 1}
+    assert [c["test"] for c in merged["checks"]] == ["test_m.py::test_b", "test_m.py::test_a"]  # failed first
+    assert merged["exitstatus"] == 1 and [m["shard"] for m in merged["merged_from"]] == ["1/2", "2/2"]
+    for check in merged["checks"]:
+        folder = Path(check["images"])
+        assert folder.parent == out.resolve() and (folder / "samples.json").is_file()
+        assert [s["value"] for s in check["samples"]] == [check["value"] - 1, check["value"] + 1]
+    report = (out / "report.html").read_text()
+    assert "2 of 2 metric checks" not in report and "1 of 2 tests failed" in report
+    assert report.count("data:image/png;base64,") == 4  # both runners' images, inlined
+    assert "test_m.py::test_a" in report and "test_m.py::test_b" in report
+
+
+def test_results_merge_refuses_overlap_and_input_that_is_not_results(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")
+    again = results_dir(tmp_path / "runner2", "test_m.py::test_a", 30.0, "pass", "2/2")
+    out = tmp_path / "merged"
+    assert main(["results", "merge", str(one), str(again), "--out", str(out)]) == 2
+    assert "test_m.py::test_a is in both" in capsys.readouterr().err
+    assert main(["results", "merge", str(one), str(again), "--out", str(out), "--allow-duplicates"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["checks"][0]["value"] == 30.0  # the later one
+    assert main(["results", "merge", str(one), str(tmp_path), "--out", str(out)]) == 2
+    assert "no metrics.json here" in capsys.readouterr().err
+    assert main(["results", "merge", str(one), "--out", str(one)]) == 2
+    assert "the output directory is one of the inputs" in capsys.readouterr().err

@@ -366,7 +366,7 @@ def test_scheduler_override_and_steps_are_in_provenance_and_the_cache_key(models
 
 USER_TEST = '''
 import numpy as np
-from conftest import INPAINT, IP2P, PBE, SOURCES, MASK, EXEMPLARS
+from conftest import INPAINT, IP2P, PBE, IMG2IMG, DIT, SDXL, DDPM, CLIP, SOURCES, MASK, EXEMPLARS
 
 STEPS = dict(num_inference_steps=2)
 
@@ -386,6 +386,28 @@ def test_instruct_pix2pix(generate, diffeval_baseline):
 def test_paint_by_example(generate, diffeval_baseline):
     images = generate(PBE, None, seeds=range(2), source_images=SOURCES, masks=MASK, exemplars=EXEMPLARS, **STEPS)
     diffeval_baseline.assert_no_regression(images, ["clip_image_similarity", "preservation_ssim"])
+
+
+def test_img2img(generate, diffeval_baseline):
+    images = generate(IMG2IMG, ["a red cat", "a blue dog"], seeds=range(2), source_images=SOURCES, strength=0.5,
+                      num_inference_steps=4)
+    diffeval_baseline.assert_no_regression(images, ["clip_score", "clip_image_similarity"])
+
+
+def test_dit(generate, diffeval_baseline):
+    images = generate(DIT, ["goldfish", "hen"], seeds=range(2), **STEPS)
+    diffeval_baseline.assert_no_regression(images, "clip_score")
+
+
+def test_sdxl(generate, diffeval_baseline):
+    images = generate(SDXL, ["a red cat", "a blue dog"], seeds=range(2), negative_prompt="blurry", **STEPS)
+    diffeval_baseline.assert_no_regression(images, "clip_score")
+
+
+def test_unconditional(generate, diffeval_baseline):
+    images = generate(DDPM, None, seeds=range(4), **STEPS)
+    reference = generate(DDPM, None, seeds=range(4, 8), **STEPS)
+    diffeval_baseline.assert_no_regression(images, "kid", reference=reference, features="clip:" + CLIP)
 '''
 
 
@@ -399,21 +421,25 @@ def test_edit_pipelines_record_then_pass_and_a_changed_input_is_a_mismatch(user_
     Image.fromarray(centre_mask()).save(user_project.path / "mask.png")
     user_project.makeconftest(textwrap.dedent(f"""
         INPAINT, IP2P, PBE = {str(models['inpaint'])!r}, {str(models['ip2p'])!r}, {str(models['pbe'])!r}
+        IMG2IMG, DIT, SDXL, DDPM = {str(models['img2img'])!r}, {str(models['dit'])!r}, {str(models['sdxl'])!r}, {str(models['ddpm'])!r}
+        CLIP = 'diffeval/tiny-clip'
         SOURCES, EXEMPLARS = {str(src)!r}, {str(exemplars)!r}
         MASK = {str(user_project.path / 'mask.png')!r}
     """))
     user_project.makepyfile(test_edits=USER_TEST)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    user_project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=3)
+    user_project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=7)
     files = sorted((user_project.path / "baselines" / "test_edits").glob("*.json"))
-    assert [f.stem for f in files] == ["test_inpainting", "test_instruct_pix2pix", "test_paint_by_example"]
+    assert [f.stem for f in files] == ["test_dit", "test_img2img", "test_inpainting", "test_instruct_pix2pix",
+                                       "test_paint_by_example", "test_sdxl", "test_unconditional"]
+    files = files[2:]
     inpaint = json.loads(files[0].read_text())["checks"]
     assert set(inpaint) == {"clip_score", "preservation_psnr"}
     entry = inpaint["preservation_psnr"]["hardware"]["cpu/float32"]
     assert entry["provenance"]["pipeline_class"] == "StableDiffusionInpaintPipeline" and len(entry["samples"]) == 4
     assert entry["signature"]["call_kwargs"]["inputs"]["masks"].startswith("1 x 32x32 sha256:")
 
-    user_project.runpytest_subprocess().assert_outcomes(passed=3)
+    user_project.runpytest_subprocess().assert_outcomes(passed=7)
 
     mask = centre_mask()
     mask[:4] = 255  # another mask: the numbers are not comparable, and the run says why

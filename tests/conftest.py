@@ -20,6 +20,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When this suite runs under ``-n``, the pytest runs its tests start (pytester
+    subprocesses) must not inherit the worker's identity: syrupy reads
+    ``PYTEST_XDIST_WORKER`` and would treat a plain inner run as an xdist worker (no
+    unused-baseline report, worker-style result publishing)."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random text-to-image pipeline and a tiny random CLIP, in hub layout."""

@@ -156,6 +156,9 @@ class Planner:
     """The session's plans: which test belongs to which plan and unit."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.plans: dict[str, Plan] = {}
         self.test_plan: dict[str, str] = {}  # nodeid -> plan id
         self.test_prompts: dict[str, list[str] | None] = {}
@@ -164,8 +167,8 @@ class Planner:
         self.warned: set[str] = set()
 
     def collect(self, items: Iterable[Any]) -> None:
-        """Read the ``diffeval_plan`` marker of each selected test."""
-        self.__init__()  # type: ignore[misc]
+        """Read the ``diffeval_plan`` marker of each selected test (forgetting earlier ones)."""
+        self._reset()
         for item in items:
             mark = item.get_closest_marker("diffeval_plan")
             if mark is None:

@@ -80,6 +80,8 @@ TWO_MODELS = """
     @pytest.mark.parametrize("model, i", CASES)
     def test_model(diffusion_pipeline, model, i):
         diffusion_pipeline(model)
+        import torch  # the workers share the cores (--diffeval-worker-threads=auto)
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
 """
 
 
@@ -92,7 +94,8 @@ def loads_per_worker(result: pytest.RunResult) -> dict[str, dict[str, int]]:
 
 
 def test_two_models_on_two_workers_each_model_is_loaded_by_one_worker(
-        user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> None:
+        user_project: pytest.Pytester, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for name in ("model-a", "model-b"):
         shutil.copytree(tiny_models["pipe"], user_project.path / name)
     user_project.makeconftest(f"A = {str(user_project.path / 'model-a')!r}\nB = {str(user_project.path / 'model-b')!r}\n")

@@ -10,6 +10,7 @@ test owns its file, and every write replaces the file atomically, so parallel wo
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -84,6 +85,13 @@ def build_record(result: MetricResult, images: Any, options: dict[str, Any]) -> 
             for p, s, v in zip(images.prompts, images.seeds, result.per_sample)
         ]
     return record
+
+
+def state_path(baseline_file: Path, metric: str, key: str) -> Path:
+    """Where a metric's stored state (drift's feature statistics) lives: beside the baseline
+    JSON, one safetensors file per metric and hardware, e.g. ``test_x.drift.cpu-float32.safetensors``."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-").lower()
+    return baseline_file.with_name(f"{baseline_file.stem}.{metric}.{slug}.safetensors")
 
 
 def per_sample_map(record: dict[str, Any]) -> dict[str, float]:
@@ -222,6 +230,13 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         for snapshot in snapshot_collection:
             record = dict(snapshot.data)
             data["test"] = record.pop("_test", data.get("test"))
+            state = record.pop("_state", None)
+            if state is not None:  # drift: this run's statistics become the baseline's, so its distance is 0
+                from .metrics.drift import save_statistics
+
+                target = state_path(path, record["metric"], hardware_key(record.get("provenance", {})))
+                record["details"] = {**record.get("details", {}), "statistics_sha256": save_statistics(state, target)}
+                record["value"] = 0.0
             check = data["checks"].get(record["metric"])
             entries = hardware_entries(check) if isinstance(check, dict) else {}
             entries[hardware_key(record.get("provenance", {}))] = record
@@ -236,7 +251,10 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         except (ValueError, OSError):
             return
         for name in snapshot_names:
-            data["checks"].pop(name[len(path.stem) + 1 : -1], None)
+            metric = name[len(path.stem) + 1 : -1]
+            data["checks"].pop(metric, None)
+            for stale in path.parent.glob(f"{glob.escape(path.stem)}.{glob.escape(metric)}.*.safetensors"):
+                stale.unlink(missing_ok=True)
         if data["checks"]:
             _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
         else:
@@ -309,8 +327,16 @@ def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
     differences = signature_differences(stored["signature"], record["signature"])
     if differences:
         return differences
+    stored_sha = stored.get("details", {}).get("statistics_sha256")
+    if stored_sha is not None and record.get("details", {}).get("statistics_sha256") != stored_sha:
+        return Corrupt("", f"the {record['metric']} statistics file beside it is missing or was changed after the "
+                           f"baseline was recorded (the baseline expects sha256 {stored_sha})")
     metric = get_metric(record["metric"])
     tol = metric.default_tolerance(float(stored["value"])) if tolerance is None else float(tolerance)
+    seed_noise = stored.get("details", {}).get("seed_noise")
+    if tolerance is None and seed_noise is not None:
+        # Drift: what re-drawing the seeds alone would cause (metrics/drift.py derives it).
+        tol = max(tol, float(seed_noise))
     noise = stored.get("noise", {}).get("max_abs_effect")
     if tolerance is None and noise is not None:
         # Calibrated: NOISE_FACTOR times the largest change benign re-runs caused, at least the floor.
@@ -404,9 +430,22 @@ class DiffevalBaseline:
 
         if not _METRIC_NAME.match(metric):
             raise ValueError(f"pytest-diffeval: metric name {metric!r} may only hold letters, digits, '_', '.', '-'")
-        result = compute_metric(metric, images, **metric_options)
+        updating = bool(self._snapshot.update_snapshots)
+        extra: dict[str, Any] = {}
+        if get_metric(metric).keeps_state:  # drift: compare with the statistics stored beside the baseline
+            stats = state_path(self.path, metric, hardware_key(getattr(images, "provenance", {}) or {}))
+            if stats.is_file():
+                extra["baseline_stats"] = stats
+        try:
+            result = compute_metric(metric, images, **metric_options, **extra)
+        except ValueError:
+            if not (updating and extra):
+                raise
+            result = compute_metric(metric, images, **metric_options)  # unusable statistics: re-record them
         record = build_record(result, images, metric_options)
         record["_test"] = self.test_id
+        if result.state is not None:
+            record["_state"] = result.state
         if settings.current().calibrate and getattr(images, "regenerate", None) is not None:
             record["noise"] = calibrate(images, metric, result, metric_options, settings.current().calibrate)
         assertion = self._snapshot(name=metric)

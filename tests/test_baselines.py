@@ -4,6 +4,7 @@ and the same under ``-n 2`` with no entry lost."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import textwrap
@@ -47,6 +48,7 @@ def project(user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> pyte
     shutil.copytree(tiny_models["pipe"], model)
     user_project.makeconftest(textwrap.dedent(f"""
         PIPE = {str(model)!r}
+        CLIP = {str(tiny_models["clip"])!r}
     """))
     return user_project
 
@@ -250,3 +252,46 @@ def test_calibration_stores_benign_noise_and_derives_the_tolerance(project: pyte
     result = project.runpytest_subprocess()
     result.assert_outcomes(passed=1)  # a drop smaller than 3 x 50 is within the calibrated noise
     assert "150" in result.stdout.str()  # the terminal table shows the derived tolerance
+
+
+DRIFT_TEST = """
+from conftest import PIPE, CLIP
+
+PROMPTS = ["a red digit 3 on a blue background", "a green circle left of a red square", "a photo of a cat"]
+
+def test_drift(generate, diffeval_baseline):
+    images = generate(PIPE, PROMPTS, seeds=range(4), num_inference_steps=2)
+    {checks}
+"""
+
+
+def test_drift_keeps_statistics_beside_the_baseline_and_catches_a_change(project: pytest.Pytester) -> None:
+    check = ('diffeval_baseline.assert_no_regression(images, "clip_score")\n    '
+             'diffeval_baseline.assert_no_regression(images, "drift", features="clip:" + CLIP)')
+    project.makepyfile(test_user=DRIFT_TEST.format(checks=check))
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = baseline_files(project)
+    stats = file.with_name("test_drift.drift.cpu-float32.safetensors")
+    assert stats.is_file()
+    entry = json.loads(file.read_text())["checks"]["drift"]["hardware"]["cpu/float32"]
+    assert entry["value"] == 0.0 and entry["details"]["seed_noise"] > 0
+    assert entry["details"]["statistics_sha256"] == hashlib.sha256(stats.read_bytes()).hexdigest()[:16]
+    project.runpytest_subprocess().assert_outcomes(passed=1)  # the same images: distance 0
+
+    darken(project.path / "model")
+    failed = project.runpytest_subprocess()
+    failed.assert_outcomes(failed=1)
+    assert "drift regressed against the baseline" in failed.stdout.str()
+
+    stats.unlink()  # a baseline whose statistics were lost is unusable, never silently passed
+    lost = project.runpytest_subprocess()
+    lost.assert_outcomes(failed=1)
+    assert "statistics file beside it is missing or was changed" in lost.stdout.str()
+
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    assert stats.is_file()
+    project.runpytest_subprocess().assert_outcomes(passed=1)
+
+    project.makepyfile(test_user=DRIFT_TEST.format(checks='diffeval_baseline.assert_no_regression(images, "clip_score")'))
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    assert not stats.exists() and set(json.loads(file.read_text())["checks"]) == {"clip_score"}

@@ -31,6 +31,7 @@ class MetricResult:
     higher_is_better: bool
     per_sample: np.ndarray | None = None  # aligned with ImageSet.sample_keys
     details: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] | None = None  # tensors a baseline keeps beside its JSON (drift's feature statistics)
 
 
 class Metric:
@@ -45,6 +46,7 @@ class Metric:
     per_sample: bool = True
     absolute_tolerance: float = 0.0
     relative_tolerance: float = 0.0
+    keeps_state: bool = False  # True: baselines store the result's ``state`` beside their JSON
 
     def compute(self, images: Any, **options: Any) -> MetricResult:
         raise NotImplementedError
@@ -78,6 +80,7 @@ _REGISTRY: dict[str, Metric] = {}
 _BUILTINS: dict[str, tuple[str, str]] = {
     "clip_score": ("clip", "ClipScore"),
     "fid": ("fid", "FID"),
+    "drift": ("drift", "Drift"),
     "kid": ("distribution", "KID"),
     "cmmd": ("distribution", "CMMD"),
     "clip_directional_similarity": ("edit", "ClipDirectionalSimilarity"),

@@ -1,0 +1,140 @@
+"""Drift: the Fréchet distance between this run's images and the baseline's own images.
+
+FID needs reference data; drift needs none.  When a baseline is recorded, the feature
+statistics of the generated set (torchmetrics' FID state: feature sum, covariance sum,
+count) are stored in a safetensors file beside the baseline JSON.  A later run is
+compared with them by torchmetrics' Fréchet distance, so the model is compared with its
+past self: same prompts, same seeds, same features.
+
+What counts as drift.  With the same seeds a benign re-run gives a distance of ~0.  The
+default tolerance is the distance that re-drawing the seeds alone would cause
+(``seed_noise``): half the 95th percentile of the distance between random halves of the
+recorded set over ``SPLITS`` seeded splits.  The halving is because the expected Fréchet
+distance between two independent sets of one distribution falls as 1/n (mean and
+covariance estimation error), so two halves (n/2 each) sit about twice as far apart as
+two full sets of n.  A model whose images moved less than new seeds would move them has
+not drifted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import settings
+from . import Metric, MetricResult
+from .fid import STAT_KEYS, ReferenceSetError, _atomic_save, _feature_extractor, _update_from_arrays
+
+
+def _compute_fid(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.image.fid import _compute_fid as compute  # torchmetrics' own Fréchet distance
+
+    return compute(mu1, sigma1, mu2, sigma2)
+
+SPLITS = 20
+
+
+def _features(images: Any, features: Any, device: str, batch_size: int) -> tuple[Any, str, str, torch.Tensor]:
+    """``(fid metric with these images as its real state, feature id, preprocessing, per-image features)``."""
+    metric, feature_id, preprocessing = _feature_extractor(features, device)
+    metric = metric.to(device).set_dtype(torch.float64)
+    captured: list[torch.Tensor] = []
+    hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
+    try:
+        _update_from_arrays(metric, iter(images.images), True, device, batch_size)
+    finally:
+        hook.remove()
+    return metric, feature_id, preprocessing, torch.cat(captured)
+
+
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(_compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)))
+
+
+def seed_noise(features: torch.Tensor, splits: int = SPLITS, seed: int = 0) -> float:
+    """The Fréchet distance that other seeds alone would cause at this set size (see the module doc)."""
+    n = len(features)
+    if n < 4:
+        return 0.0
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(splits):
+        order = torch.randperm(n, generator=generator)
+        values.append(_frechet(features[order[: n // 2]], features[order[n // 2 :]]))
+    return float(np.percentile(values, 95)) / 2.0
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class Drift(Metric):
+    """Fréchet distance of this run's features to stored feature statistics (lower is
+    better; 0 for the same images).  ``diffeval_baseline`` keeps the statistics beside the
+    baseline file and passes them as ``baseline_stats``; without them the set is measured
+    against itself (0), which is what recording a baseline does.  The result's ``state``
+    holds this run's statistics, to be stored when the baseline is (re)written."""
+
+    name = "drift"
+    higher_is_better = False
+    per_sample = False
+    keeps_state = True
+
+    def compute(self, images: Any, *, baseline_stats: str | os.PathLike[str] | None = None, features: Any = None,
+                device: str | None = None, batch_size: int = 64) -> MetricResult:
+        device = device or settings.resolved_device()
+        metric, feature_id, preprocessing, own = _features(images, features or settings.current().fid_features,
+                                                           device, batch_size)
+        state = {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS}
+        details: dict[str, Any] = {"n": len(images), "num_features": int(own.shape[1]),
+                                   "preprocessing": preprocessing, "seed_noise": seed_noise(own)}
+        value = 0.0
+        if baseline_stats is not None:
+            mean, cov = load_statistics(Path(baseline_stats), feature_id)
+            value = float(_compute_fid(mean, cov, own.mean(0), torch.cov(own.T)))
+            if -1e-3 < value < 0:  # float error on (near-)identical sets
+                value = 0.0
+            details["statistics_sha256"] = file_sha256(Path(baseline_stats))
+        return MetricResult(self.name, value, feature_id, False, details=details,
+                            state={"tensors": state, "metadata": {"feature_id": feature_id, "preprocessing": preprocessing}})
+
+
+def load_statistics(path: Path, feature_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) from a statistics file written by :func:`save_statistics`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ReferenceSetError(
+            f"pytest-diffeval: drift needs the baseline's feature statistics {path}, which do not exist; "
+            "fix: restore the file from version control, or re-record with pytest --snapshot-update"
+        )
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored_id = (handle.metadata() or {}).get("feature_id")
+        stored = load_file(str(path))
+        n = stored["real_features_num_samples"].double()
+        mean = stored["real_features_sum"].double() / n
+        cov = (stored["real_features_cov_sum"].double() - n * torch.outer(mean, mean)) / (n - 1)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ReferenceSetError(
+            f"pytest-diffeval: drift statistics {path} cannot be read ({exc}); "
+            "fix: restore the file from version control, or re-record with pytest --snapshot-update"
+        ) from None
+    if stored_id != feature_id:
+        raise ReferenceSetError(
+            f"pytest-diffeval: drift statistics {path} were computed with features {stored_id!r}, this run uses "
+            f"{feature_id!r}; fix: re-record the baseline with pytest --snapshot-update"
+        )
+    return mean, cov
+
+
+def save_statistics(state: dict[str, Any], path: Path) -> str:
+    """Write a :class:`Drift` result's ``state`` atomically; return the file's sha256 (16 hex)."""
+    _atomic_save(state["tensors"], path, {**state["metadata"], "written_by": "pytest-diffeval drift"})
+    return file_sha256(path)

@@ -1,0 +1,94 @@
+"""Drift (metrics/drift.py): the Fréchet distance to a baseline's own stored feature
+statistics, checked against torchmetrics' FID and scipy's analytic formula on Gaussian
+features, and its seed-noise tolerance against simulated independent sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_metrics_correctness import COV_A, COV_B, MU_A, MU_B, LookupFeatures, coded, frechet
+
+from pytest_diffeval import settings
+from pytest_diffeval.metrics import compute_metric
+from pytest_diffeval.metrics.drift import _frechet, save_statistics, seed_noise
+from pytest_diffeval.metrics.fid import ReferenceSetError
+
+
+@pytest.fixture(autouse=True)
+def stats_cache(tmp_path: Path):
+    previous = settings.current().cache_dir
+    settings.configure(cache_dir=tmp_path / "cache")
+    yield
+    settings.configure(cache_dir=previous)
+
+
+def record(images, features, path: Path) -> None:
+    result = compute_metric("drift", images, features=features)
+    assert result.value == 0.0 and result.state is not None  # a set against itself
+    save_statistics(result.state, path)
+
+
+def test_drift_is_the_frechet_distance_to_the_recorded_set(tmp_path: Path) -> None:
+    n = 2000
+    rng = np.random.default_rng(0)
+    table = np.concatenate([rng.multivariate_normal(MU_A, COV_A, n), rng.multivariate_normal(MU_B, COV_B, n)])
+    features = LookupFeatures(table)
+    stats = tmp_path / "baseline.drift.safetensors"
+    record(coded(range(n)), features, stats)
+
+    drift = compute_metric("drift", coded(range(n, 2 * n)), baseline_stats=stats, features=features)
+    old, new = table[:n], table[n:]
+    analytic = frechet(old.mean(0), np.cov(old, rowvar=False), new.mean(0), np.cov(new, rowvar=False))
+    assert drift.value == pytest.approx(analytic, rel=1e-9)  # scipy's sqrtm, the same samples
+    fid = compute_metric("fid", coded(range(n, 2 * n)), reference=coded(range(n)), features=features)
+    assert drift.value == pytest.approx(fid.value, rel=1e-12)  # torchmetrics' FID with the old set as reference
+    assert drift.backbone == features.id and drift.details["statistics_sha256"]
+
+
+def test_drift_is_zero_for_the_same_images_and_grows_with_a_shift(tmp_path: Path) -> None:
+    n, shifts = 500, (0.0, 0.25, 0.5, 1.0, 2.0)
+    rng = np.random.default_rng(1)
+    base = rng.multivariate_normal(MU_A, COV_A, n)
+    features = LookupFeatures(np.concatenate([base + s for s in shifts]))
+    stats = tmp_path / "stats.safetensors"
+    record(coded(range(n)), features, stats)
+    values = [compute_metric("drift", coded(range(i * n, (i + 1) * n)), baseline_stats=stats, features=features).value
+              for i in range(len(shifts))]
+    assert values[0] == 0.0
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert values[-1] == pytest.approx(len(MU_A) * 2.0**2, rel=1e-6)  # a pure shift by 2 in every dimension: ||shift||²
+
+
+@pytest.mark.parametrize("dim, n", [(4, 200), (16, 128)])
+def test_seed_noise_predicts_the_distance_between_independent_sets(dim: int, n: int) -> None:
+    """The tolerance's derivation: half the 95th percentile of split-half distances is about
+    the 95th percentile of the distance between two independent sets of the full size."""
+    generator = torch.Generator().manual_seed(dim)
+    mixing = torch.randn(dim, dim, generator=generator, dtype=torch.float64) * 0.5
+
+    def draw() -> torch.Tensor:
+        return torch.randn(n, dim, generator=generator, dtype=torch.float64) @ mixing + 1.0
+
+    independent = np.percentile([_frechet(draw(), draw()) for _ in range(60)], 95)
+    estimates = [seed_noise(draw(), seed=i) for i in range(8)]
+    assert 0.5 * independent < np.mean(estimates) < 1.5 * independent, (estimates, independent)
+    same = draw()
+    assert seed_noise(same) == seed_noise(same)  # seeded splits: same features, same number
+
+
+def test_statistics_of_other_features_or_a_missing_file_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    features = LookupFeatures(rng.normal(size=(100, 4)))
+    other = LookupFeatures(rng.normal(size=(100, 4)))
+    stats = tmp_path / "stats.safetensors"
+    record(coded(range(100)), features, stats)
+    with pytest.raises(ReferenceSetError, match=r"were computed with features 'gaussian-lookup@.*re-record"):
+        compute_metric("drift", coded(range(100)), baseline_stats=stats, features=other)
+    with pytest.raises(ReferenceSetError, match=r"missing\.safetensors, which do not exist.*--snapshot-update"):
+        compute_metric("drift", coded(range(100)), baseline_stats=tmp_path / "missing.safetensors", features=features)
+    stats.write_bytes(b"not a safetensors file")
+    with pytest.raises(ReferenceSetError, match=r"cannot be read"):
+        compute_metric("drift", coded(range(100)), baseline_stats=stats, features=features)

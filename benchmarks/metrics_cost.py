@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pytest_diffeval import settings, tiny  # noqa: E402
 from pytest_diffeval.generation import ImageSet  # noqa: E402
 from pytest_diffeval.metrics import compute_metric  # noqa: E402
+from pytest_diffeval.metrics.drift import save_statistics  # noqa: E402
 
 
 def random_set(n: int, size: int, seed: int) -> ImageSet:
@@ -80,12 +81,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
         masks[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = True
         captions = [f"a photo of object {i % 8}" for i in range(n)]
         edit = dict(source_images=other, source_captions=captions, target_captions=[c + ", at night" for c in captions])
+        drift_stats = work / f"drift-{n}.safetensors"  # the "baseline": statistics of the other set
+        save_statistics(compute_metric("drift", other, features=f"clip:{clip}").state, drift_stats)
         return {
             "clip_score": (images, {}),
             "clip_directional_similarity": (images, edit),
             "clip_image_similarity": (images, dict(reference_images=other)),
             "fid (clip features)": (images, dict(reference=other, features=f"clip:{clip}")),
             "kid (clip features)": (images, dict(reference=other, features=f"clip:{clip}")),
+            "drift (clip features)": (images, dict(baseline_stats=drift_stats, features=f"clip:{clip}")),
             "cmmd": (images, dict(reference=other)),
             "aesthetic": (images, dict(aesthetic_weights=work / "aesthetic.safetensors")),
             "preservation_psnr": (images, dict(source_images=other, masks=masks)),

@@ -47,8 +47,9 @@ class PixelTextToImagePipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Token-wise text embeddings ``(len(prompts), max_length, hidden)`` on the UNet's device and dtype."""
+    def encode_prompt(self, prompts: list[str], return_pooled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token-wise text embeddings ``(len(prompts), max_length, hidden)`` on the UNet's device and dtype
+        (and, with ``return_pooled``, the text encoder's pooled output ``(len(prompts), hidden)``)."""
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
@@ -56,8 +57,9 @@ class PixelTextToImagePipeline(DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         )
-        hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
-        return hidden.to(device=self.device, dtype=self.unet.dtype)
+        out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
+        hidden = out[0].to(device=self.device, dtype=self.unet.dtype)
+        return (hidden, out[1].to(device=self.device, dtype=self.unet.dtype)) if return_pooled else hidden
 
     def _extra_step_kwargs(self, generator) -> dict:
         """Pass ``generator`` to ``scheduler.step`` only if that scheduler takes one (like diffusers' pipelines)."""
@@ -105,9 +107,14 @@ class PixelTextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for {batch} images")
 
         do_cfg = guidance_scale > 1.0
-        cond = self.encode_prompt(prompts)
+        # A UNet with ``class_embed_type="projection"`` also takes the pooled text embedding
+        # (CLIP's end-of-text token) as its class embedding, added to the timestep embedding.
+        uses_pooled = self.unet.config.class_embed_type == "projection"
+        cond, pooled = self.encode_prompt(prompts, return_pooled=True)
         if do_cfg:
-            cond = torch.cat([self.encode_prompt(negatives), cond])
+            neg, neg_pooled = self.encode_prompt(negatives, return_pooled=True)
+            cond, pooled = torch.cat([neg, cond]), torch.cat([neg_pooled, pooled])
+        class_labels = pooled if uses_pooled else None
 
         size = self.unet.config.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
@@ -119,7 +126,7 @@ class PixelTextToImagePipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([sample] * 2) if do_cfg else sample
             model_in = self.scheduler.scale_model_input(model_in, t)
-            eps = self.unet(model_in, t, encoder_hidden_states=cond).sample
+            eps = self.unet(model_in, t, encoder_hidden_states=cond, class_labels=class_labels).sample
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

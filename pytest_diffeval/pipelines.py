@@ -8,11 +8,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .fingerprints import hub_snapshot, model_fingerprint
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a pipeline is loaded, not here: a warm rerun whose images are all
+# cached resolves model sources through this module without loading any model.
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class PipelineNotFoundError(FileNotFoundError):
@@ -40,25 +45,6 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
     if path.is_dir():
         return "local", path.resolve()
     return "hub", None
-
-
-def model_fingerprint(path: Path) -> str:
-    """A content hash of a model directory (file names and bytes), so a changed weight
-    file changes the identity even when the name does not.  Files that are symlinks into
-    the Hugging Face cache are identified by their blob name, which is already a hash."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
-        digest.update(rel.encode())
-        if file.is_symlink() and "blobs" in Path(os.readlink(file)).parts:
-            digest.update(Path(os.readlink(file)).name.encode())
-            continue
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _missing_model_error(source: str, exc: BaseException) -> PipelineNotFoundError:
@@ -123,13 +109,15 @@ def _scheduler_key(scheduler: Any) -> str | None:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """``None``/``"auto"`` means float32 on the CPU and float16 on CUDA."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.float16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"pytest-diffeval: unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def load_pipeline(
@@ -184,6 +172,8 @@ def load_pipeline(
         lora_provenance = apply_lora(pipe, lora, 1.0 if lora_scale is None else lora_scale,
                                      weight_name=lora_weight_name,
                                      use_safetensors=kwargs["use_safetensors"])
+    import torch
+
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -318,12 +308,7 @@ def _quiet_progress_bars() -> None:
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """The local snapshot folder of a hub model that ``from_pretrained`` just loaded."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - provenance is best effort for exotic sources
-        return None
+    return hub_snapshot(repo_id, revision)
 
 
 @dataclass(frozen=True)

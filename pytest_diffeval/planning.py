@@ -40,6 +40,9 @@ class Counters:
     plan_batches: int = 0
     plan_tests: int = 0  # planned tests whose generate() call the plan served
     lazy_hits: int = 0  # generate() calls answered from the cache without loading the pipeline
+    result_hits: int = 0  # compute_metric calls answered from the result cache
+    result_misses: int = 0  # compute_metric calls that computed (cacheable or not)
+    result_dir: str | None = None
     oom_backoffs: list[str] = field(default_factory=list)
 
     def reset(self, *, feature_cache: bool = True) -> None:

@@ -88,14 +88,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("diffeval-results", "diffeval_results", "folder for images and metrics of failed checks",
            default="diffeval-results")
     option("diffeval-cache-dir", "diffeval_cache_dir", "cache folder (generated images, backbone features, "
-           "reference statistics); default under pytest's cache dir")
+           "metric results, reference statistics); default under pytest's cache dir")
     group.addoption("--diffeval-calibrate", type=int, default=0, metavar="N",
                     help="with --snapshot-update: re-run each baseline check N times under benign perturbations "
                          "(1 and 2 threads, batch size 1 and all-at-once) and store the observed noise, from which "
                          "tolerance=None derives the tolerance")
     group.addoption("--diffeval-no-cache", action="store_true", default=False,
-                    help="generate every image and compute every backbone feature again (bypass the image and "
-                         "feature caches)")
+                    help="generate every image and compute every backbone feature and metric again (bypass the "
+                         "image, feature and metric-result caches)")
     group.addoption("--diffeval-shard", default=None, metavar="I/N",
                     help="run only shard I of N (1-based) of the selected tests, each model's tests kept together: "
                          "one CI runner per shard, then `python -m pytest_diffeval results merge`")
@@ -172,6 +172,7 @@ def pytest_configure(config: pytest.Config) -> None:
         update_baselines=bool(getattr(config.option, "update_snapshots", False)),
         model_override=_value(config, "diffeval_model") or os.environ.get("DIFFEVAL_MODEL") or None,
         calibrate=int(config.getoption("diffeval_calibrate") or 0),
+        result_cache=not config.getoption("diffeval_no_cache"),
         device_request=_value(config, "diffeval_device"),
         records=[],
     )
@@ -340,6 +341,10 @@ def _counter_lines(where: str, counters: dict[str, Any]) -> list[str]:
     if counters.get("feature_hits") or counters.get("feature_misses"):
         lines.append(f"diffeval features in {where}: {counters['feature_misses']} computed, "
                      f"{counters['feature_hits']} from the cache {counters.get('feature_dir')}")
+    if counters.get("result_hits") or counters.get("result_misses"):
+        cached = (f", {counters['result_hits']} from the cache {counters['result_dir']}" if counters.get("result_dir")
+                  else " (no result cache)")
+        lines.append(f"diffeval metrics in {where}: {counters['result_misses']} computed{cached}")
     if counters.get("plan_tests"):
         lines.append(f"diffeval plans in {where}: {counters['plan_tests']} planned tests; {counters['plan_samples']} "
                      f"samples generated for them in {counters['plan_batches']} batches")

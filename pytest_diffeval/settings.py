@@ -32,6 +32,7 @@ class Settings:
     update_baselines: bool = False
     model_override: str | None = None  # --diffeval-model: replaces the model every test loads
     calibrate: int = 0  # --diffeval-calibrate=N: benign re-runs per baseline check when recording
+    result_cache: bool = True  # metric results under cache_dir/results (--diffeval-no-cache: off)
     records: list[dict[str, Any]] = field(default_factory=list)  # one per metric check
 
 
@@ -48,9 +49,12 @@ _resolved: dict[str, str] = {}
 
 def resolved_device() -> str:
     """The device pipelines and metric backbones use, resolved on first use (importing
-    torch only then): ``auto`` is CUDA if there is one, xdist worker i taking GPU i mod G,
+    torch only then, and not at all for ``cpu``, or for ``auto`` on a machine without a GPU
+    device node): ``auto`` is CUDA if there is one, xdist worker i taking GPU i mod G,
     else the CPU.  Asking for CUDA where there is none is an error that says so."""
     request = (_current.device_request or "auto").strip()
+    if request == "cpu" or (request == "auto" and _no_gpu_driver()):
+        return "cpu"  # without importing torch (seconds), which a fully cached rerun never needs
     if request not in _resolved:
         import os
 
@@ -68,6 +72,20 @@ def resolved_device() -> str:
             index = int(worker[2:]) if worker[2:].isdigit() else 0
             _resolved[request] = f"cuda:{index % torch.cuda.device_count()}"
     return _resolved[request]
+
+
+def _no_gpu_driver() -> bool:
+    """Whether this Linux or macOS machine has no GPU device node (NVIDIA, ROCm, WSL), so
+    torch cannot see a CUDA GPU here and ``auto`` means the CPU without asking torch."""
+    import os
+    import sys
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return True
+    if not (sys.platform.startswith("linux") or sys.platform == "darwin"):
+        return False
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+    return not any(os.path.exists(node) for node in nodes)
 
 
 def configure(**changes: Any) -> Settings:

@@ -48,9 +48,11 @@ class Comparison:
 
 
 def _t_quantile(p: float, df: int) -> float:
-    from scipy.stats import t
+    """Student's t quantile: ``scipy.special.stdtrit``, what ``scipy.stats.t.ppf`` computes
+    (the same numbers), without importing scipy.stats (half a second on a warm rerun)."""
+    from scipy.special import stdtrit
 
-    return float(t.ppf(p, df))
+    return float(stdtrit(df, p))
 
 
 def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: dict[str, float],

@@ -86,7 +86,7 @@ def test_fid_matches_scipy_on_the_same_features(tiny_models: dict[str, Path]) ->
 
 
 def test_fid_reference_folder_is_cached_keyed_by_content(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    settings.configure(cache_dir=tmp_path / "cache")
+    settings.configure(cache_dir=tmp_path / "cache", result_cache=False)  # each call computes FID
     try:
         folder = tmp_path / "reference"
         random_images(12, 7).save(folder)
@@ -104,7 +104,7 @@ def test_fid_reference_folder_is_cached_keyed_by_content(tiny_models: dict[str, 
         third = compute_metric("fid", images, reference=folder, features=features)
         assert third.details["reference"]["cached"] is False and third.details["n_reference"] == 13
     finally:
-        settings.configure(cache_dir=None)
+        settings.configure(cache_dir=None, result_cache=True)
 
 
 def test_fid_reference_errors(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -23,14 +23,16 @@ from pytest_diffeval.planning import COUNTERS, Plan, _provenance_of
 
 @pytest.fixture
 def feature_settings(tmp_path: Path, tiny_models: dict[str, Path]):
-    """Settings with a cache dir and the tiny CLIP; restored afterwards."""
+    """Settings with a cache dir and the tiny CLIP, the result cache off (so each call reaches
+    the backbone); restored afterwards."""
     previous = settings.current()
     settings.configure(cache_dir=tmp_path / "cache", clip_model=str(tiny_models["clip"]),
-                       fid_features=f"clip:{tiny_models['clip']}", device_request="cpu")
+                       fid_features=f"clip:{tiny_models['clip']}", device_request="cpu", result_cache=False)
     COUNTERS.reset()
     yield tmp_path / "cache" / "features"
     settings.configure(cache_dir=previous.cache_dir, clip_model=previous.clip_model,
-                       fid_features=previous.fid_features, device_request=previous.device_request)
+                       fid_features=previous.fid_features, device_request=previous.device_request,
+                       result_cache=previous.result_cache)
     COUNTERS.reset()
 
 
@@ -228,12 +230,14 @@ def test_per_prompt_tests_with_a_plan_generate_in_full_batches_and_a_warm_rerun_
     warm = project.runpytest_subprocess("-v", "-s", "--diffeval-batch-size=8")
     warm.assert_outcomes(passed=8)
     assert calls(project) == {"main": []}
-    warm.stdout.fnmatch_lines(["diffeval loads in this process: pipelines none; backbones *",
+    warm.stdout.fnmatch_lines(["diffeval loads in this process: pipelines none",  # and no backbone
                                "diffeval images in this process: 0 generated, 16 from the cache *",
-                               "diffeval features in this process: 0 computed, * from the cache *"])
+                               "diffeval metrics in this process: 0 computed, 8 from the cache *"])
+    assert "diffeval features in this process" not in warm.stdout.str()  # no backbone pass either
     assert hashes(warm) == hashes(cold) and len(hashes(cold)) == 8
     uncached = project.runpytest_subprocess("-v", "-s", "--diffeval-batch-size=8", "--diffeval-no-cache")
     uncached.assert_outcomes(passed=8)
     assert calls(project) == {"main": [8, 8]}  # batched through the in-memory store
     assert hashes(uncached) == hashes(cold)
     assert "diffeval features in this process" not in uncached.stdout.str()
+    uncached.stdout.fnmatch_lines(["diffeval metrics in this process: 8 computed (no result cache)"])

@@ -104,17 +104,37 @@ assert {c[0] for c in TRAIN_COMBOS} == set(DIGITS)
 assert {c[1] for c in TRAIN_COMBOS} == set(COLORS) == {c[2] for c in TRAIN_COMBOS}
 
 
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits ``(images (1797, 8, 8), target)``, the numbers ``load_digits``
+    returns, read from the file it reads without importing scikit-learn (a fraction of a
+    second that every run building a reference set paid, warm reruns included)."""
+    import gzip
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec("sklearn")  # finds the package without importing it
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    file = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
+    if file is None or not file.is_file():
+        from sklearn.datasets import load_digits
+
+        dataset = load_digits()
+        return dataset.images, dataset.target
+    with gzip.open(file, "rt", encoding="utf-8") as handle:
+        data = np.loadtxt(handle, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 @lru_cache(maxsize=1)
 def _digit_samples() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(ink, labels) for the train and held-out sklearn samples; ink is float32 in [0, 1] at IMAGE_SIZE."""
     from scipy.ndimage import zoom
-    from sklearn.datasets import load_digits
 
-    ds = load_digits()
-    ink = ds.images.astype(np.float32) / 16.0  # (1797, 8, 8)
+    images, target = _load_digits()
+    ink = images.astype(np.float32) / 16.0  # (1797, 8, 8)
     ink = zoom(ink, (1, IMAGE_SIZE / 8, IMAGE_SIZE / 8), order=1, mode="nearest", grid_mode=True)
     ink = np.clip(ink, 0.0, 1.0).astype(np.float32)
-    labels = ds.target.astype(np.int64)
+    labels = target.astype(np.int64)
     perm = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
     n_held = int(round(_HELDOUT_SAMPLE_FRACTION * len(labels)))
     held, train = np.sort(perm[:n_held]), np.sort(perm[n_held:])

@@ -5,7 +5,9 @@ for?  Importing this module registers them, the way a team registers its own sco
 * ``digit_match``  - 1 if the checker reads the prompt's digit, else 0
 * ``colour_match`` - 1 if both the stroke and the background colour are the prompt's
 
-Both are shares (higher is better).  Their default tolerance, 0.05, is one image in 20:
+Both are shares (higher is better), and cacheable: they depend only on the images, their
+prompts and the checker's weights, which key their results (the checker, and torch with
+it, is loaded only when a result is not cached).  Their default tolerance, 0.05, is one image in 20:
 the good model scores at the ceiling (1.0), so a paired drop beyond that is a regression.
 """
 
@@ -34,12 +36,12 @@ def checker() -> Any:
     return DigitChecker.from_pretrained(path)
 
 
-@register_metric("digit_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER)
+@register_metric("digit_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER, cacheable=True)
 def digit_match(images: Any) -> np.ndarray:
     return checker().check(images.images, images.prompts)["digit"].astype(np.float64)
 
 
-@register_metric("colour_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER)
+@register_metric("colour_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER, cacheable=True)
 def colour_match(images: Any) -> np.ndarray:
     verdict = checker().check(images.images, images.prompts)
     return (verdict["fg"] & verdict["bg"]).astype(np.float64)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .. import settings
 from . import Metric, MetricResult
-from .backbones import load_clip
+
+if TYPE_CHECKING:  # imported where used: a cached result needs no torch
+    import torch
 
 # simple_inference.py's MLP: Linear, Dropout(0.2), Linear, Dropout(0.2), Linear, Dropout(0.1), Linear, Linear
 LINEAR_INDICES = (0, 2, 4, 6, 7)
@@ -27,6 +28,8 @@ _CACHE: dict[tuple[str, int, int], tuple[torch.nn.Sequential, str]] = {}
 def load_weights_file(path: str | Path, *, metric: str, option: str, fix: str) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` (preferred) or a ``.pth``/``.pt``/``.bin`` holding only
     tensors (``torch.load(weights_only=True)``); errors name the file and ``fix``."""
+    import torch
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"pytest-diffeval: {metric}: weights file {path} ({option}=) does not exist; fix: {fix}")
@@ -57,6 +60,8 @@ def load_weights_file(path: str | Path, *, metric: str, option: str, fix: str) -
 
 def laion_aesthetic_mlp(input_dim: int = 768, widths: tuple[int, ...] = LAION_WIDTHS) -> torch.nn.Sequential:
     """The improved-aesthetic-predictor MLP (``layers`` of its ``MLP`` class), input ``input_dim``."""
+    import torch
+
     modules: list[torch.nn.Module] = []
     sizes = [input_dim, *widths]
     for index in range(8):
@@ -111,10 +116,15 @@ class Aesthetic(Metric):
     higher_is_better = True
     per_sample = True
     absolute_tolerance = 0.1
+    cacheable = True
 
     def compute(self, images: Any, *, aesthetic_weights: str | Path | None = None, clip_model: str | None = None,
                 device: str | None = None, batch_size: int = 64) -> MetricResult:
         """Score ``images`` with the predictor in ``aesthetic_weights`` on ``clip_model``."""
+        import torch
+
+        from .backbones import load_clip
+
         if aesthetic_weights is None:
             raise ValueError(
                 "pytest-diffeval: aesthetic needs aesthetic_weights=<path>: the LAION improved-aesthetic-predictor "

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .. import settings
-from ..pipelines import model_fingerprint
+from ..fingerprints import resolve_model_dir  # noqa: F401 - also imported from here
 
 LOADS: dict[str, int] = {}  # backbone id -> loads in this process
 _CACHE: dict[tuple[str, str], "ClipBackbone"] = {}
@@ -23,20 +23,6 @@ _CACHE: dict[tuple[str, str], "ClipBackbone"] = {}
 
 class BackboneNotFoundError(FileNotFoundError):
     """A metric backbone (CLIP model, feature weights) could not be found."""
-
-
-def resolve_model_dir(name: str) -> tuple[str, Path | None]:
-    """``(backbone id, local path or None)`` for an embedded name, a local folder or a hub id.
-    Local and embedded backbones carry a content hash in their id."""
-    from ..embedded import resolve_embedded
-
-    embedded = resolve_embedded(name)
-    if embedded is not None:
-        return f"{name}@{model_fingerprint(embedded)}", embedded
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return f"{path.resolve().name}@{model_fingerprint(path)}", path.resolve()
-    return name, None
 
 
 class FeatureCache:

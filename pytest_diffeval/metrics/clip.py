@@ -5,12 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 
 from .. import settings
 from . import Metric, MetricResult
-from .backbones import load_clip
 
 
 class ClipScore(Metric):
@@ -21,6 +18,7 @@ class ClipScore(Metric):
     higher_is_better = True
     per_sample = True
     absolute_tolerance = 1.0
+    cacheable = True
 
     def compute(
         self,
@@ -32,6 +30,11 @@ class ClipScore(Metric):
         batch_size: int = 64,
     ) -> MetricResult:
         """Score ``images`` against their own prompts (or ``prompts``, one per image)."""
+        import torch  # here, not at import: a cached result needs neither torch nor torchmetrics
+        from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+
+        from .backbones import load_clip
+
         prompts = list(prompts) if prompts is not None else list(images.prompts)
         if len(prompts) != len(images):
             raise ValueError(f"clip_score: {len(prompts)} prompts for {len(images)} images; give one prompt per image")

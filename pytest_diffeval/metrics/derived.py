@@ -13,6 +13,28 @@ BOOTSTRAP_RESAMPLES = 50
 BOOTSTRAP_SEED = 0
 
 
+class _Derived(Metric):
+    """A metric computed from another (``of``): keyed in the result cache by its own options
+    and the inner metric's key material, so a hit computes neither."""
+
+    cacheable = True
+
+    def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
+        from . import get_metric
+        from .result_cache import Unkeyable, bound_options, call_material
+
+        own = {k: v for k, v in options.items() if k in ("of", "threshold")}
+        material = bound_options(self.compute, images, own)
+        try:
+            inner = get_metric(material["of"])
+        except (KeyError, TypeError):
+            raise Unkeyable("unknown inner metric") from None  # compute raises the clear error
+        if not inner.cacheable or inner.name in {"good_image_rate", "seed_stability"}:
+            raise Unkeyable(f"inner metric {inner.name!r} is not cacheable")
+        rest = {k: v for k, v in options.items() if k not in own}
+        return {**material, "inner": call_material(inner, images, rest)}
+
+
 def _inner(metric: str, of: str, images: Any, options: dict[str, Any]) -> MetricResult:
     from . import compute_metric
 
@@ -26,7 +48,7 @@ def _inner(metric: str, of: str, images: Any, options: dict[str, Any]) -> Metric
     return result
 
 
-class GoodImageRate(Metric):
+class GoodImageRate(_Derived):
     """Share of images whose ``of`` metric (default ``clip_score``) passes ``threshold``: at
     least it if higher is better for that metric, at most it otherwise.  Per sample 1 or 0,
     so runs pair like any per-sample metric.  Default tolerance: 0.05 (5 points)."""
@@ -52,7 +74,7 @@ class GoodImageRate(Metric):
                                      "of_value": inner.value})
 
 
-class SeedStability(Metric):
+class SeedStability(_Derived):
     """Spread of a per-sample metric (``of``, default ``clip_score``) across seeds: per prompt,
     the standard deviation over its seeds (ddof=1); the value is the mean over prompts.
     Lower is better (more stable).  Needs at least 2 seeds per prompt.  One value per set

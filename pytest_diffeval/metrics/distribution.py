@@ -5,16 +5,16 @@ folder of images)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from .. import settings
 from . import Metric, MetricResult
-from .backbones import clip_features_module, load_clip
 from .fid import _feature_extractor, _load_folder, _update_from_arrays
+
+if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
+    import torch
 
 SEED = 0  # KID's random subsets are drawn from this seed: same images, same number
 
@@ -41,9 +41,13 @@ class KID(Metric):
     per_sample = False
     relative_tolerance = 0.05
     absolute_tolerance = 1e-4
+    cacheable = True
 
     def compute(self, images: Any, *, reference: Any, features: Any = None, device: str | None = None,
                 subsets: int = 100, batch_size: int = 64) -> MetricResult:
+        import torch
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         device = device or settings.resolved_device()
         fid, feature_id, preprocessing = _feature_extractor(features or settings.current().fid_features, device)
         real = list(_reference_arrays(reference))
@@ -67,6 +71,8 @@ class KID(Metric):
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0, scale: float = 1000.0) -> float:
     """MMD² with a Gaussian RBF kernel, as in the CMMD reference implementation
     (google-research/cmmd ``distance.py``: means of the full kernel matrices, σ=10, ×1000)."""
+    import torch
+
     x, y = x.double(), y.double()
     gamma = 1.0 / (2 * sigma**2)
     xx, yy, xy = x @ x.T, y @ y.T, x @ y.T
@@ -86,9 +92,14 @@ class CMMD(Metric):
     per_sample = False
     relative_tolerance = 0.05
     absolute_tolerance = 1e-4
+    cacheable = True
 
     def compute(self, images: Any, *, reference: Any, clip_model: str | None = None, device: str | None = None,
                 batch_size: int = 64) -> MetricResult:
+        import torch
+
+        from .backbones import clip_features_module, load_clip
+
         backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
         real = np.stack(list(_reference_arrays(reference)))
         if len(images) < 2 or len(real) < 2:

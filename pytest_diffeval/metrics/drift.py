@@ -21,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .. import settings
 from . import Metric, MetricResult
-from .fid import STAT_KEYS, ReferenceSetError, _atomic_save, _feature_extractor, _update_from_arrays
+from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, _update_from_arrays
+
+if TYPE_CHECKING:  # imported where used: a cached result needs no torch
+    import torch
 
 
 def _compute_fid(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,8 @@ SPLITS = 20
 
 def _features(images: Any, features: Any, device: str, batch_size: int) -> tuple[Any, str, str, torch.Tensor]:
     """``(fid metric with these images as its real state, feature id, preprocessing, per-image features)``."""
+    import torch
+
     metric, feature_id, preprocessing = _feature_extractor(features, device)
     metric = metric.to(device).set_dtype(torch.float64)
     captured: list[torch.Tensor] = []
@@ -53,11 +57,15 @@ def _features(images: Any, features: Any, device: str, batch_size: int) -> tuple
 
 
 def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    import torch
+
     return float(_compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)))
 
 
 def seed_noise(features: torch.Tensor, splits: int = SPLITS, seed: int = 0) -> float:
     """The Fréchet distance that other seeds alone would cause at this set size (see the module doc)."""
+    import torch
+
     n = len(features)
     if n < 4:
         return 0.0
@@ -84,9 +92,12 @@ class Drift(Metric):
     higher_is_better = False
     per_sample = False
     keeps_state = True
+    cacheable = True
 
     def compute(self, images: Any, *, baseline_stats: str | os.PathLike[str] | None = None, features: Any = None,
                 device: str | None = None, batch_size: int = 64) -> MetricResult:
+        import torch
+
         device = device or settings.resolved_device()
         metric, feature_id, preprocessing, own = _features(images, features or settings.current().fid_features,
                                                            device, batch_size)
@@ -106,6 +117,7 @@ class Drift(Metric):
 
 def load_statistics(path: Path, feature_id: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance (float64) from a statistics file written by :func:`save_statistics`."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -135,6 +147,18 @@ def load_statistics(path: Path, feature_id: str) -> tuple[torch.Tensor, torch.Te
 
 
 def save_statistics(state: dict[str, Any], path: Path) -> str:
-    """Write a :class:`Drift` result's ``state`` atomically; return the file's sha256 (16 hex)."""
-    _atomic_save(state["tensors"], path, {**state["metadata"], "written_by": "pytest-diffeval drift"})
+    """Write a :class:`Drift` result's ``state`` atomically; return the file's sha256 (16 hex).
+    Its tensors may be torch tensors (computed) or numpy arrays (a result from the result
+    cache): both are written with ``safetensors.numpy``, so no torch is needed."""
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, order="C")
+              for name, value in state["tensors"].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(arrays, str(tmp), metadata={**state["metadata"], "written_by": "pytest-diffeval drift"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return file_sha256(path)

@@ -6,15 +6,18 @@ given as options, one per generated image or one for all, or carried by the Imag
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import sys
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .. import settings
 from . import Metric, MetricResult
-from .backbones import ClipBackbone, load_clip
+
+if TYPE_CHECKING:  # imported where used: a cached result needs no torch
+    import torch
+
+    from .backbones import ClipBackbone
 
 
 def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarray:
@@ -26,7 +29,7 @@ def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarr
                          f"generate(..., source_images=...), which carry their inputs")
     if hasattr(value, "images") and hasattr(value, "sample_keys"):
         value = value.images
-    elif isinstance(value, torch.Tensor):
+    elif "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor):  # no import for the check
         raise TypeError(f"pytest-diffeval: {metric}: {option} is a torch.Tensor; pass an ImageSet or a uint8 "
                         "numpy array of shape (N, H, W, 3) (e.g. tensor.permute(0, 2, 3, 1).numpy())")
     elif isinstance(value, (list, tuple)):
@@ -74,6 +77,9 @@ def text_list(value: Any, *, metric: str, option: str, count: int) -> list[str]:
 
 def _unique_features(backbone: ClipBackbone, array: np.ndarray, batch_size: int) -> torch.Tensor:
     """L2-normalised image embeddings of ``array``, computing a broadcast single image once."""
+    import torch
+    import torch.nn.functional as F
+
     if array.strides[0] == 0:  # one image given for all
         single = torch.from_numpy(np.array(array[:1])).permute(0, 3, 1, 2).to(backbone.device)
         return F.normalize(backbone.image_features(single, batch_size), dim=-1).expand(len(array), -1)
@@ -83,6 +89,8 @@ def _unique_features(backbone: ClipBackbone, array: np.ndarray, batch_size: int)
 
 def _text_features(backbone: ClipBackbone, texts: Sequence[str]) -> torch.Tensor:
     """L2-normalised text embeddings, each distinct text encoded once."""
+    import torch.nn.functional as F
+
     unique = list(dict.fromkeys(texts))
     features = F.normalize(backbone.text_features(unique), dim=-1)
     index = {text: i for i, text in enumerate(unique)}
@@ -99,12 +107,17 @@ class ClipDirectionalSimilarity(Metric):
     higher_is_better = True
     per_sample = True
     absolute_tolerance = 0.01
+    cacheable = True
 
     def compute(self, images: Any, *, source_images: Any = None, source_captions: Any = None,
                 target_captions: Any = None, clip_model: str | None = None, device: str | None = None,
                 batch_size: int = 64) -> MetricResult:
         """Score the edited ``images`` against ``source_images`` and the caption pair (by
         default those the ImageSet carries from ``generate``)."""
+        import torch.nn.functional as F
+
+        from .backbones import load_clip
+
         n = len(images)
         source_images = carried(images, source_images, "source_images")
         source_captions = carried(images, source_captions, "source_captions")
@@ -132,11 +145,16 @@ class ClipImageSimilarity(Metric):
     higher_is_better = True
     per_sample = True
     absolute_tolerance = 1.0
+    cacheable = True
 
     def compute(self, images: Any, *, reference_images: Any = None, clip_model: str | None = None,
                 device: str | None = None, batch_size: int = 64) -> MetricResult:
         """Compare each image with its reference (the source of an edit, or an exemplar).  By
         default the ImageSet's carried exemplars (Paint-by-Example), else its source images."""
+        import torch.nn.functional as F
+
+        from .backbones import load_clip
+
         inputs = getattr(images, "inputs", None) or {}
         used = "given" if reference_images is not None else next(
             (key for key in ("exemplars", "source_images") if inputs.get(key) is not None), "none")

@@ -8,17 +8,16 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
-import torchmetrics
-from safetensors.torch import load_file, save_file
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .. import settings
 from . import Metric, MetricResult
-from .backbones import clip_features_module, load_clip
+
+if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -32,6 +31,11 @@ def _feature_extractor(features: Any, device: str) -> tuple[FrechetInceptionDist
     """``(metric, feature id, preprocessing description)`` for a features spec:
     ``"inception-v3-<dim>"`` (torchmetrics' Inception, torch-fidelity weights),
     ``"clip:<clip model>"`` (CLIP image embeddings) or an ``nn.Module`` with ``num_features``."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from .backbones import clip_features_module, load_clip
+
     if isinstance(features, torch.nn.Module):
         metric = FrechetInceptionDistance(feature=features, reset_real_features=False, normalize=False)
         return metric, getattr(features, "id", type(features).__name__), "custom module"
@@ -85,6 +89,8 @@ def _folder_fingerprint(folder: Path) -> str:
 def _update_from_arrays(metric: FrechetInceptionDistance, arrays: Iterator[np.ndarray], real: bool, device: str,
                         batch_size: int) -> int:
     """Stream images (same-size runs batched) through the extractor; never holds all of them."""
+    import torch
+
     batch: list[np.ndarray] = []
     count = 0
 
@@ -111,6 +117,8 @@ def cache_dir() -> Path:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -122,6 +130,9 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
     """Fill ``metric``'s real-feature state from ``reference`` (an ImageSet, a folder of images
     or a ``.safetensors`` statistics file), caching folder and ImageSet statistics on disk
     keyed by backbone, feature size, preprocessing, torchmetrics version and content."""
+    import torchmetrics
+    from safetensors.torch import load_file
+
     if isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".safetensors"):
         path = Path(reference)
         if not path.is_file():
@@ -176,6 +187,7 @@ def bootstrap_spread(metric: FrechetInceptionDistance, fake: torch.Tensor, resam
     """Std of FID when the generated set is resampled with replacement (seeded): how much
     the number moves with other images of the same model.  Baselines derive the
     tolerance of set-level metrics from it."""
+    import torch
     from torchmetrics.image.fid import _compute_fid
 
     n = metric.real_features_num_samples.cpu().double()
@@ -197,9 +209,12 @@ class FID(Metric):
     higher_is_better = False
     per_sample = False
     relative_tolerance = 0.10
+    cacheable = True
 
     def compute(self, images: Any, *, reference: Any, features: Any = None, device: str | None = None,
                 batch_size: int = 64) -> MetricResult:
+        import torch
+
         device = device or settings.resolved_device()
         features = features or settings.current().fid_features
         metric, feature_id, preprocessing = _feature_extractor(features, device)
@@ -213,7 +228,7 @@ class FID(Metric):
         finally:
             hook.remove()
         value = float(metric.compute())
-        if -1e-3 < value < 0:  # float error on (near-)identical sets
+        if -1e-3 < value < 1e-9:  # float error on (near-)identical sets (either sign)
             value = 0.0
         details = {"n": len(images), "n_reference": source["n"], "num_features": num_features,
                    "preprocessing": preprocessing, "reference": source}

@@ -23,8 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from . import Metric, MetricResult
 from .edit import carried, image_array
@@ -87,10 +85,14 @@ class PreservationPSNR(Metric):
     higher_is_better = True
     per_sample = True
     absolute_tolerance = 0.5
+    cacheable = True
 
     def compute(self, images: Any, *, source_images: Any = None, masks: Any = None,
                 max_psnr: float = PSNR_CAP_DB) -> MetricResult:
         """PSNR of each image's unmasked pixels against ``source_images``."""
+        import torch  # here, not at import: a cached result needs neither torch nor torchmetrics
+        from torchmetrics.functional.image import peak_signal_noise_ratio
+
         edited, source, mask = _inputs(self.name, images, source_images, masks)
         values = []
         for index in range(len(edited)):
@@ -115,9 +117,13 @@ class PreservationSSIM(Metric):
     higher_is_better = True
     per_sample = True
     absolute_tolerance = 0.01
+    cacheable = True
 
     def compute(self, images: Any, *, source_images: Any = None, masks: Any = None, batch_size: int = 16) -> MetricResult:
         """SSIM of each image's unmasked region against ``source_images``."""
+        import torch
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
         edited, source, mask = _inputs(self.name, images, source_images, masks)
         if min(images.image_size) < 6:
             raise ValueError(f"pytest-diffeval: {self.name} needs images of at least 6x6 pixels (SSIM's window), got "

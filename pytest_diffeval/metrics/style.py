@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .. import settings
 from . import Metric, MetricResult
 from .aesthetic import load_weights_file
 from .edit import image_array
+
+if TYPE_CHECKING:  # imported where used: a cached result needs no torch
+    import torch
 
 # torchvision's cfg "E": channels per conv, "M" for max pooling
 VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
@@ -55,6 +57,8 @@ def _cfg(widths: tuple[int, ...]) -> list[int | str]:
 def vgg19_features(widths: tuple[int, ...] = VGG19_WIDTHS) -> torch.nn.Sequential:
     """VGG19's ``features`` (16 convs 3x3 + ReLU, 5 max-pools) with torchvision's module
     indices; ``widths`` are the channels of the five blocks (torchvision: 64-512)."""
+    import torch
+
     layers: list[torch.nn.Module] = []
     channels = 3
     for item in _cfg(tuple(widths)):
@@ -69,6 +73,8 @@ def vgg19_features(widths: tuple[int, ...] = VGG19_WIDTHS) -> torch.nn.Sequentia
 
 def conv_indices() -> list[int]:
     """Indices of the convolutions in ``vgg19_features()`` (torchvision's: 0, 2, 5, ...)."""
+    import torch
+
     return [i for i, m in enumerate(vgg19_features((1, 1, 1, 1, 1))) if isinstance(m, torch.nn.Conv2d)]
 
 
@@ -107,6 +113,8 @@ def load_vgg19_features(path: str | Path) -> tuple[torch.nn.Sequential, str]:
 
 def gram_matrices(model: torch.nn.Sequential, images: np.ndarray, device: str, batch_size: int = 16) -> list[torch.Tensor]:
     """Per style layer, ``G/M`` (Gram matrix over the M positions) for uint8 NHWC ``images``."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     last = max(STYLE_LAYERS.values())
@@ -135,10 +143,13 @@ class StyleLoss(Metric):
     higher_is_better = False
     per_sample = True
     relative_tolerance = 0.10
+    cacheable = True
 
     def compute(self, images: Any, *, style_images: Any = None, vgg_weights: str | Path | None = None,
                 device: str | None = None, batch_size: int = 16) -> MetricResult:
         """Style loss of ``images`` against ``style_images`` (one per image or one for all)."""
+        import torch
+
         style = image_array(style_images, metric=self.name, option="style_images", count=len(images))
         if vgg_weights is None:
             raise ValueError("pytest-diffeval: style_loss needs vgg_weights=<path>: torchvision's VGG19 ImageNet "

@@ -1,12 +1,12 @@
-"""Figure 2: a cold run of ``pytest model_tests/`` (empty cache dir) vs a warm rerun (image
-and feature caches filled by the cold run).
+"""Figure 2: a cold run of ``pytest model_tests/`` (empty cache dir) vs a warm rerun (image,
+feature and metric-result caches filled by the cold run).
 
     /work/venv/bin/python benchmarks/cold_warm.py [--repeat 3] [--threads 1]
 
 Each repeat: a cold run into a new, empty cache dir, then a warm rerun on it.  The figure
-is the ratio of the median wall times of the whole processes.  Also printed: what the warm
-run still costs that no cache removes, the imports of torch, torchmetrics and transformers'
-CLIP (timed in a fresh process), and the ``-v`` cache lines of the last warm run.
+is the ratio of the median wall times of the whole processes.  Also printed: the imports of
+torch, torchmetrics and transformers' CLIP (timed in a fresh process; a warm rerun whose
+metric results are cached no longer pays them), and the ``-v`` cache lines of the last warm run.
 Goal: cold / warm >= 10.
 """
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1)")
     args = parser.parse_args()
-    header("pytest model_tests/: cold (empty caches) vs warm rerun (image and feature caches filled)",
+    header("pytest model_tests/: cold (empty caches) vs warm rerun (image, feature and result caches filled)",
            "cold / warm >= 10")
     colds, warms = [], []
     with tempfile.TemporaryDirectory(prefix="diffeval-bench-") as tmp:

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from .claims import release as release_claims
+from .claims import try_claim, wait_for
+
 if TYPE_CHECKING:
     import torch
 
@@ -241,6 +244,9 @@ def _fingerprint(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
+CLAIM_TIMEOUT_S = 1800.0  # a sample another live process claimed is waited for at most this long, then made here
+
+
 class ImageCache:
     """Generated images on disk, one PNG per sample, keyed by everything that determines
     it: model content hash (and a fused LoRA's), pipeline class, scheduler config, every
@@ -264,6 +270,10 @@ class ImageCache:
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.png"
+
+    def claim_path(self, key: str | None) -> Path | None:
+        """Where a process marks that it is generating this sample (see claims.py)."""
+        return None if key is None else self._path(key).with_suffix(".claim")
 
     def get(self, key: str | None) -> tuple[np.ndarray, bool] | None:
         if key is None or not self._path(key).is_file():
@@ -633,33 +643,72 @@ def generate_images(
     if "source_images" in loaded and params is not None and "height" in params and \
             "height" not in call_kwargs and "width" not in call_kwargs:
         pipe_kwargs["height"], pipe_kwargs["width"] = loaded["source_images"][0].shape[:2]
-    for batch in _batches(missing, batch_size):
-        cases = [jobs[i][0] for i in batch]
-        kwargs = dict(pipe_kwargs)
-        if takes_prompt:
-            kwargs["prompt"] = [prompts[c] for c in cases]
-        if labels is not None:
-            kwargs["class_labels"] = [labels[c] for c in cases]
-        for name, values in texts.items():
-            if values is not None:
-                kwargs[name] = [values[c] for c in cases]
-        for key in loaded:
-            kwargs[IMAGE_INPUTS[key][0]] = [pil(key, c) for c in cases]
-        if unconditional and "batch_size" in params:
-            kwargs["batch_size"] = len(batch)
-        generators = [torch.Generator("cpu").manual_seed(jobs[i][1]) for i in batch]
-        from .planning import call_with_oom_backoff  # CUDA OOM: halve the batch and retry
+    def produce(indices: list[int], claimed: dict[int, Path]) -> None:
+        """Generate ``indices`` in batches, store them, and release each batch's claims."""
+        for batch in _batches(indices, batch_size):
+            cases = [jobs[i][0] for i in batch]
+            kwargs = dict(pipe_kwargs)
+            if takes_prompt:
+                kwargs["prompt"] = [prompts[c] for c in cases]
+            if labels is not None:
+                kwargs["class_labels"] = [labels[c] for c in cases]
+            for name, values in texts.items():
+                if values is not None:
+                    kwargs[name] = [values[c] for c in cases]
+            for key in loaded:
+                kwargs[IMAGE_INPUTS[key][0]] = [pil(key, c) for c in cases]
+            if unconditional and "batch_size" in params:
+                kwargs["batch_size"] = len(batch)
+            generators = [torch.Generator("cpu").manual_seed(jobs[i][1]) for i in batch]
+            from .planning import call_with_oom_backoff  # CUDA OOM: halve the batch and retry
 
-        output = call_with_oom_backoff(pipe, generators, output_type="np", **kwargs)
-        raw = np.asarray(output.images, dtype=np.float32)
-        if len(raw) != len(batch):
-            raise RuntimeError(f"pytest-diffeval: {pipe_name} returned {len(raw)} images for a batch of {len(batch)}")
-        flags = ~np.isfinite(raw).reshape(len(raw), -1).all(axis=1)
-        for index, image, flag in zip(batch, to_uint8(raw), flags):
-            results[index] = (image, bool(flag))
-            if cache is not None:
-                cache.misses += 1
-                cache.put(keys[index], image, bool(flag))
+            output = call_with_oom_backoff(pipe, generators, output_type="np", **kwargs)
+            raw = np.asarray(output.images, dtype=np.float32)
+            if len(raw) != len(batch):
+                raise RuntimeError(f"pytest-diffeval: {pipe_name} returned {len(raw)} images for a batch of {len(batch)}")
+            flags = ~np.isfinite(raw).reshape(len(raw), -1).all(axis=1)
+            for index, image, flag in zip(batch, to_uint8(raw), flags):
+                results[index] = (image, bool(flag))
+                if cache is not None:
+                    cache.misses += 1
+                    cache.put(keys[index], image, bool(flag))
+            release_claims([claimed.pop(i) for i in batch if i in claimed])
+
+    # Processes sharing the cache (xdist workers) claim each batch before generating it and
+    # wait for samples another process claimed: they split shared samples, never make one twice.
+    claimed: dict[int, Path] = {}
+    waiting: dict[int, Path] = {}
+    candidates = list(missing)
+
+    def next_batch() -> list[int]:
+        batch: list[int] = []
+        while candidates and len(batch) < batch_size:
+            i = candidates.pop(0)
+            claim = cache.claim_path(keys[i]) if cache is not None else None
+            if claim is None:
+                batch.append(i)
+            elif try_claim(claim):
+                done = cache.get(keys[i])  # finished by another process just before
+                if done is not None:
+                    results[i] = done
+                    release_claims([claim])
+                else:
+                    claimed[i] = claim
+                    batch.append(i)
+            else:
+                waiting[i] = claim
+        return batch
+
+    try:
+        while candidates:
+            produce(next_batch(), claimed)
+    finally:
+        release_claims(claimed.values())
+    if waiting:
+        found = wait_for(waiting, lambda i: cache.get(keys[i]), timeout=CLAIM_TIMEOUT_S)
+        for i, value in found.items():
+            results[i] = value
+        produce([i for i, value in found.items() if value is None], {})  # the owner gave up or died
 
     # ---- what the ImageSet carries
     job_cases = [c for c, _ in jobs]

@@ -241,3 +241,45 @@ def test_per_prompt_tests_with_a_plan_generate_in_full_batches_and_a_warm_rerun_
     assert hashes(uncached) == hashes(cold)
     assert "diffeval features in this process" not in uncached.stdout.str()
     uncached.stdout.fnmatch_lines(["diffeval metrics in this process: 8 computed (no result cache)"])
+
+
+OVERLAPPING_TESTS = """
+    import hashlib, os, time
+    import pytest
+    from conftest import PIPE
+
+    PROMPTS = [f"prompt number {i}" for i in range(4)]
+
+    @pytest.mark.parametrize("seeds", [4, 2])
+    def test_overlap(generate, seeds):
+        if os.environ.get("PYTEST_XDIST_WORKER"):  # start both workers' generation together
+            open(f"ready-{seeds}", "w").close()
+            deadline = time.time() + 60
+            while not all(os.path.exists(f"ready-{n}") for n in (4, 2)) and time.time() < deadline:
+                time.sleep(0.01)
+        images = generate(PIPE, PROMPTS, seeds=range(seeds), num_inference_steps=2, batch_size=2)
+        with open(f"hashes-{seeds}.txt", "w") as handle:
+            for prompt, seed, image in zip(images.prompts, images.seeds, images.images):
+                handle.write(f"{prompt}|{seed}|{hashlib.sha256(image.tobytes()).hexdigest()}\\n")
+"""
+
+
+def test_workers_sharing_a_cache_never_generate_a_sample_twice(user_project: pytest.Pytester,
+                                                               tiny_models: dict[str, Path]) -> None:
+    """Two tests on two workers need 16 and 8 samples, the 8 among the 16: with claims on
+    cache entries the workers split the 16 between them (without: 24 generated)."""
+    project = counting_project(user_project, tiny_models)
+    project.makepyfile(test_overlap=textwrap.dedent(OVERLAPPING_TESTS))
+    result = project.runpytest_subprocess("-n", "2", "-s", "-v")
+    result.assert_outcomes(passed=2)
+    per_worker = calls(project)
+    assert sorted(per_worker) == ["gw0", "gw1", "main"] and per_worker["main"] == []
+    assert sum(sum(batches) for batches in per_worker.values()) == 16, per_worker
+    assert all(per_worker[w] for w in ("gw0", "gw1")), per_worker  # claimed batch by batch: both worked
+    seen: dict[tuple[str, str], set[str]] = {}
+    for name in ("hashes-4.txt", "hashes-2.txt"):
+        for line in (project.path / name).read_text().splitlines():
+            prompt, seed, digest = line.split("|")
+            seen.setdefault((prompt, seed), set()).add(digest)
+    assert len(seen) == 16 and all(len(digests) == 1 for digests in seen.values())  # both tests saw the same images
+    assert not list((project.path / ".pytest_cache").rglob("*.claim")) and not list(project.path.rglob("*.claim"))

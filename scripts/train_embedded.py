@@ -74,7 +74,7 @@ from pytest_diffeval.embedded.data import (  # noqa: E402
 )
 from pytest_diffeval.pixel_pipeline import PixelTextToImagePipeline  # noqa: E402
 
-MEASURED = "full run (--steps 3600): see the report printed at the end of training"
+MEASURED = "t2i: 6000 steps in 33.6 min on one thread (2-core box, the other core busy); see README, The embedded model"
 
 CLIP_MAX_LENGTH = 77  # tiny-clip: like real CLIP
 T2I_MAX_LENGTH = 16  # tiny-t2i: captions are 11 tokens; short padding keeps the text signal undiluted

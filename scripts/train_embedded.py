@@ -12,7 +12,7 @@ Writes four directories into ``pytest_diffeval/embedded/weights/`` (or ``--out``
 
 Command (single-threaded on purpose, all seeds fixed)::
 
-    python scripts/train_embedded.py                 # full run: --steps 3600
+    python scripts/train_embedded.py                 # full run: --steps 6000
     python scripts/train_embedded.py --steps 50 --clip-steps 20 --checker-steps 20 --out /tmp/smoke
 
 Measured on a 2-core x86 CPU box with ``torch.set_num_threads(1)`` (torch 2.13,
@@ -399,7 +399,7 @@ def dir_size(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output directory (default: the package's weights dir)")
-    ap.add_argument("--steps", type=int, default=3600, help="text-to-image training steps")
+    ap.add_argument("--steps", type=int, default=6000, help="text-to-image training steps")
     ap.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap for text-to-image training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 from test_metrics_correctness import COV_A, COV_B, MU_A, MU_B, LookupFeatures, coded, frechet
+from test_metrics_correctness import stats_cache  # noqa: F401  (autouse: a fresh statistics cache per test)
 
-from pytest_diffeval import settings
 from pytest_diffeval.metrics import compute_metric
 from pytest_diffeval.metrics.drift import _frechet, save_statistics, seed_noise
 from pytest_diffeval.metrics.fid import ReferenceSetError
-
-
-@pytest.fixture(autouse=True)
-def stats_cache(tmp_path: Path):
-    previous = settings.current().cache_dir
-    settings.configure(cache_dir=tmp_path / "cache")
-    yield
-    settings.configure(cache_dir=previous)
 
 
 def record(images, features, path: Path) -> None:

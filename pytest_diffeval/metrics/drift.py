@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import settings
 from . import Metric, MetricResult
-from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, _update_from_arrays
+from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, update_capturing_features
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -47,13 +47,7 @@ def _features(images: Any, features: Any, device: str, batch_size: int) -> tuple
 
     metric, feature_id, preprocessing = _feature_extractor(features, device)
     metric = metric.to(device).set_dtype(torch.float64)
-    captured: list[torch.Tensor] = []
-    hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
-    try:
-        _update_from_arrays(metric, iter(images.images), True, device, batch_size)
-    finally:
-        hook.remove()
-    return metric, feature_id, preprocessing, torch.cat(captured)
+    return metric, feature_id, preprocessing, update_capturing_features(metric, images, True, device, batch_size)
 
 
 def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:

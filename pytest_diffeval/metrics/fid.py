@@ -109,6 +109,20 @@ def _update_from_arrays(metric: FrechetInceptionDistance, arrays: Iterator[np.nd
     return count
 
 
+def update_capturing_features(metric: Any, images: Any, real: bool, device: str, batch_size: int) -> Any:
+    """Stream ``images`` into ``metric`` (its real or fake side) and return their per-image
+    features (float64, CPU), which the bootstrap spread and drift's seed noise resample."""
+    import torch
+
+    captured: list[torch.Tensor] = []
+    hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
+    try:
+        _update_from_arrays(metric, iter(images.images), real, device, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
 def cache_dir() -> Path:
     configured = settings.current().cache_dir
     if configured is not None:
@@ -221,19 +235,14 @@ class FID(Metric):
         metric = metric.to(device).set_dtype(torch.float64)
         num_features = int(metric.real_features_sum.shape[0])
         source = reference_statistics(metric, feature_id, preprocessing, reference, device, batch_size)
-        captured: list[torch.Tensor] = []
-        hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
-        try:
-            _update_from_arrays(metric, iter(images.images), False, device, batch_size)
-        finally:
-            hook.remove()
+        fake = update_capturing_features(metric, images, False, device, batch_size)
         value = float(metric.compute())
         if -1e-3 < value < 1e-9:  # float error on (near-)identical sets (either sign)
             value = 0.0
         details = {"n": len(images), "n_reference": source["n"], "num_features": num_features,
                    "preprocessing": preprocessing, "reference": source}
         if num_features <= BOOTSTRAP_MAX_FEATURES:
-            details["spread"] = bootstrap_spread(metric, torch.cat(captured))
+            details["spread"] = bootstrap_spread(metric, fake)
         small = min(len(images), source["n"]) <= num_features
         if small:
             details["warning"] = (

@@ -45,6 +45,7 @@ def test_prompt_is_followed(generate, prompt):
     assert_metric(images, "digit_match", at_least=PER_PROMPT_DIGIT_FLOOR)
 
 
+@pytest.mark.diffeval_plan(MODEL, HELDOUT_PROMPTS, seeds=range(2), **SAMPLING)  # declared: idle xdist workers help
 def test_heldout_prompts_against_baseline(generate, diffeval_baseline):
     images = generate(MODEL, HELDOUT_PROMPTS, seeds=range(2), **SAMPLING)  # 64 images
     diffeval_baseline.assert_no_regression(images, ["clip_score", "digit_match", "colour_match"])
@@ -52,6 +53,7 @@ def test_heldout_prompts_against_baseline(generate, diffeval_baseline):
     assert_metric(images, "digit_match", at_least=DIGIT_FLOOR)
 
 
+@pytest.mark.diffeval_plan(MODEL, HELDOUT_PROMPTS, seeds=range(4), **SAMPLING)
 def test_distribution_matches_heldout_real_images(generate, heldout_real, diffeval_baseline):
     images = generate(MODEL, HELDOUT_PROMPTS, seeds=range(4), **SAMPLING)  # 128 images
     diffeval_baseline.assert_no_regression(images, ["fid", "kid", "cmmd"], reference=heldout_real)

@@ -476,6 +476,7 @@ def generate_images(
     class_labels: Sequence[int | str] | None = None,
     source_captions: str | Sequence[str] | None = None,
     target_captions: str | Sequence[str] | None = None,
+    _prefetch: bool = False,
     **call_kwargs: Any,
 ) -> ImageSet:
     """Generate one image per ``(prompt, seed)``, batched; samples found in ``cache`` are
@@ -704,6 +705,8 @@ def generate_images(
             produce(next_batch(), claimed)
     finally:
         release_claims(claimed.values())
+    if _prefetch:
+        return None  # type: ignore[return-value]  # prefetch_images: samples other processes claimed stay theirs
     if waiting:
         found = wait_for(waiting, lambda i: cache.get(keys[i]), timeout=CLAIM_TIMEOUT_S)
         for i, value in found.items():
@@ -739,6 +742,18 @@ def generate_images(
         nonfinite=[r[1] for r in results],
         inputs=inputs,
     )
+
+
+def prefetch_images(pipe: Any, prompts: Sequence[str], *, seeds: Iterable[int], batch_size: int, cache: ImageCache,
+                    **call_kwargs: Any) -> int:
+    """Generate into ``cache`` the text-to-image samples that are neither cached nor claimed
+    by another process, without waiting for the claimed ones; returns how many this made.
+    An idle xdist worker uses it to take a share of the samples other workers' tests still
+    need (claims keep every sample made once)."""
+    before = cache.misses
+    generate_images(pipe, list(prompts), seeds=seeds, batch_size=batch_size, cache=cache, _prefetch=True,
+                    **call_kwargs)
+    return cache.misses - before
 
 
 def to_uint8(images: Any) -> np.ndarray:

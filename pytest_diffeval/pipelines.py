@@ -357,5 +357,17 @@ class PipelineCache:
             self.loads[key.source] = self.loads.get(key.source, 0) + 1
         return self._pipes[key]
 
+    def loaded(self, source: str | os.PathLike, *, dtype: str | None, device: str) -> Any:
+        """The pipeline ``get(source, dtype=dtype, device=device)`` would return, if this
+        process has already loaded it (with no other options); None otherwise (never loads)."""
+        _, path = resolve_source(source)
+        wanted = str(path) if path is not None else os.fspath(source)
+        for key, pipe in self._pipes.items():
+            if (key.source == wanted and key.device == device and key.pipeline_class is None
+                    and key.scheduler == _scheduler_key(None) and key.kwargs == "{}"
+                    and key.dtype == str(resolve_dtype(dtype, device))):
+                return pipe
+        return None
+
     def clear(self) -> None:
         self._pipes.clear()

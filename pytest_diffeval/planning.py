@@ -39,6 +39,7 @@ class Counters:
     plan_samples: int = 0  # samples those generated (cached ones excluded)
     plan_batches: int = 0
     plan_tests: int = 0  # planned tests whose generate() call the plan served
+    help_samples: int = 0  # samples an idle xdist worker made for planned tests of other workers
     lazy_hits: int = 0  # generate() calls answered from the cache without loading the pipeline
     result_hits: int = 0  # compute_metric calls answered from the result cache
     result_misses: int = 0  # compute_metric calls that computed (cacheable or not)

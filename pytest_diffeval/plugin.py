@@ -8,6 +8,7 @@ import sys
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -297,6 +298,50 @@ def _will_skip(item: pytest.Item) -> bool:
             and not _device().startswith("cuda"))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    """An xdist worker whose tests are done helps the others before it exits (see
+    :func:`_help_with_plans`)."""
+    result = yield
+    if _is_worker(session.config) and not (session.shouldfail or session.shouldstop):
+        _help_with_plans(session.config)
+    return result
+
+
+def _help_with_plans(config: pytest.Config) -> None:
+    """Generate, into the shared image cache, the samples that planned tests still need and
+    nobody has made or claimed yet, with pipelines this worker already loaded.
+
+    The scheduler shuts a worker down once nothing is left that it may run, while another
+    may still be working through a big planned test (128 samples is one test).  Claims
+    (claims.py) let this worker take batches of that test's samples that its owner has not
+    reached yet; the owner then reads them from the cache.  Never loads a model, never fails
+    the run: a helping error is a warning."""
+    cache = image_cache(config)
+    if cache is None or not _PLANNER.plans or _PIPELINES is None:
+        return
+    from .generation import prefetch_images
+
+    dtype = _value(config, "diffeval_dtype")
+    size = int(_value(config, "diffeval_batch_size"))
+    for plan_id, plan in _PLANNER.plans.items():
+        pipe = _PIPELINES.loaded(_override(plan.model), dtype=dtype, device=_device())
+        if pipe is None:
+            continue
+        wanted: set[str] = set()
+        for test, test_plan in _PLANNER.test_plan.items():
+            if test_plan == plan_id:
+                wanted.update(_PLANNER.test_prompts.get(test) or plan.prompts)
+        prompts = [p for p in plan.prompts if p in wanted]
+        try:
+            COUNTERS.help_samples += prefetch_images(pipe, prompts, seeds=plan.seeds, batch_size=plan.batch_size or size,
+                                                     cache=cache, **plan.call_kwargs)
+        except Exception as exc:  # noqa: BLE001 - helping is optional; the owner generates what is left
+            warnings.warn(f"pytest-diffeval: an idle worker could not help with the plan of {plan.model!r}: "
+                          f"{type(exc).__name__}: {exc}", UserWarning, stacklevel=1)
+            return
+
+
 _TESTS_RUN = [0]
 
 
@@ -348,6 +393,9 @@ def _counter_lines(where: str, counters: dict[str, Any]) -> list[str]:
     if counters.get("plan_tests"):
         lines.append(f"diffeval plans in {where}: {counters['plan_tests']} planned tests; {counters['plan_samples']} "
                      f"samples generated for them in {counters['plan_batches']} batches")
+    if counters.get("help_samples"):
+        lines.append(f"diffeval help in {where}: {counters['help_samples']} samples generated, once idle, for "
+                     "planned tests of other workers")
     return lines
 
 

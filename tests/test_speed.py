@@ -283,3 +283,60 @@ def test_workers_sharing_a_cache_never_generate_a_sample_twice(user_project: pyt
             seen.setdefault((prompt, seed), set()).add(digest)
     assert len(seen) == 16 and all(len(digests) == 1 for digests in seen.values())  # both tests saw the same images
     assert not list((project.path / ".pytest_cache").rglob("*.claim")) and not list(project.path.rglob("*.claim"))
+
+
+HELPED_TESTS = """
+    import hashlib, os, time
+    import pytest
+    from conftest import PIPE
+
+    PROMPTS = [f"prompt number {i}" for i in range(8)]
+
+    @pytest.mark.diffeval_plan(PIPE, PROMPTS, seeds=range(4), num_inference_steps=2, batch_size=2)
+    def test_big(generate):
+        images = generate(PIPE, PROMPTS, seeds=range(4), num_inference_steps=2, batch_size=2)
+        with open("hashes-big.txt", "w") as handle:
+            for prompt, seed, image in zip(images.prompts, images.seeds, images.images):
+                handle.write(f"{prompt}|{seed}|{hashlib.sha256(image.tobytes()).hexdigest()}\\n")
+
+    def test_small(generate):
+        generate(PIPE, ["something else"], seeds=[0, 1], num_inference_steps=2)
+"""
+
+SLOW_BATCHES = """
+    _counting_fast = diffusers.StableDiffusionPipeline.__call__
+
+    def _slow(self, *args, **kwargs):  # a model whose batches take a while, as real ones do
+        time.sleep(0.4)
+        return _counting_fast(self, *args, **kwargs)
+
+    diffusers.StableDiffusionPipeline.__call__ = _slow
+"""
+
+
+def test_an_idle_worker_helps_generate_another_workers_planned_samples(user_project: pytest.Pytester,
+                                                                      tiny_models: dict[str, Path]) -> None:
+    """One planned test needs 32 samples (16 slow batches), the other 2: under ``-n 2`` the
+    worker that finishes first takes batches of the big test's plan that its owner has not
+    reached, so both workers generate and no sample is made twice; the big test's images
+    are those of a serial run."""
+    project = counting_project(user_project, tiny_models)
+    conftest = project.path / "conftest.py"
+    conftest.write_text("import time\n" + conftest.read_text() + textwrap.dedent(SLOW_BATCHES))
+    project.makepyfile(test_helped=textwrap.dedent(HELPED_TESTS))
+
+    serial = project.runpytest_subprocess("-p", "no:cacheprovider", "--diffeval-no-cache")
+    serial.assert_outcomes(passed=2)
+    calls(project)
+    expected = (project.path / "hashes-big.txt").read_text()
+
+    result = project.runpytest_subprocess("-n", "2", "-v")
+    result.assert_outcomes(passed=2)
+    per_worker = calls(project)
+    assert sum(sum(batches) for batches in per_worker.values()) == 34, per_worker  # 32 + 2, none twice
+    helped = {int(n): w for w, n in re.findall(r"diffeval help in (gw\d): (\d+) samples generated", result.stdout.str())}
+    assert len(helped) == 1 and next(iter(helped)) > 0, result.stdout.str()
+    helper = next(iter(helped.values()))
+    assert sum(per_worker[helper]) == 2 + next(iter(helped)), per_worker  # its own test's 2, and the help
+    assert (project.path / "hashes-big.txt").read_text() == expected
+    assert not list(project.path.rglob("*.claim"))

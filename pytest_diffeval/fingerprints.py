@@ -113,7 +113,10 @@ def array_digest(array: Any) -> str:
 
 def resolve_model_dir(name: str) -> tuple[str, Path | None]:
     """``(backbone id, local path or None)`` for an embedded name, a local folder or a hub id.
-    Local and embedded backbones carry a content hash in their id."""
+    Local and embedded backbones carry a content hash in their id (``name@<hash>``), a hub
+    id the commit of its snapshot in the local Hugging Face cache (``org/name@<commit>``),
+    so a new revision of the same name is another backbone; a hub id the cache does not
+    hold (yet) stays bare."""
     from .embedded import resolve_embedded
 
     embedded = resolve_embedded(name)
@@ -122,7 +125,15 @@ def resolve_model_dir(name: str) -> tuple[str, Path | None]:
     path = Path(name).expanduser()
     if path.is_dir():
         return f"{path.resolve().name}@{model_fingerprint(path)}", path.resolve()
-    return name, None
+    snapshot = hub_snapshot(name) if _looks_like_hub_id(name) else None
+    return (f"{name}@{snapshot.name}" if snapshot is not None else name), None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``org/name`` with no ``@`` (the hub ids metric backbones use); other names, such as a
+    user metric's ``"custom"``, are not looked up."""
+    parts = str(name).split("/")
+    return len(parts) == 2 and all(parts) and "@" not in name and not str(name).startswith((".", "~"))
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:

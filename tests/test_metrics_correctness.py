@@ -1,4 +1,5 @@
-"""FID and KID against independent references, on features whose distribution is known.
+"""FID and KID against independent references, on features whose distribution is known,
+and FID against a reference statistics file.
 
 The "images" are index codes (pixel (0, 0) holds the sample's number in base 256) and the
 feature extractor looks the sample's feature vector up in a table drawn from chosen
@@ -105,3 +106,37 @@ def test_kid_is_near_zero_within_a_distribution_and_matches_the_full_set_estimat
     for result, fake in [(same, table[n : 2 * n]), (other, table[2 * n :])]:
         full = polynomial_mmd_unbiased(table[:n], fake)
         assert abs(result.value - full) < 4 * result.details["std"] / np.sqrt(result.details["subsets"]) + 1e-9
+
+
+def test_reference_statistics_file_gives_the_same_fid_and_is_refused_under_other_features(tmp_path: Path) -> None:
+    from pytest_diffeval import assert_fid_below, save_reference_statistics
+    from pytest_diffeval.metrics.fid import ReferenceSetError
+
+    n = 300
+    rng = np.random.default_rng(3)
+    table = np.concatenate([rng.multivariate_normal(MU_A, COV_A, n), rng.multivariate_normal(MU_B, COV_B, n)])
+    features, reference, images = LookupFeatures(table), coded(range(n)), coded(range(n, 2 * n))
+    path = save_reference_statistics(reference, tmp_path / "stats.safetensors", features=features)
+    assert path == tmp_path / "stats.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["stats.safetensors"]  # no temp file left
+    from_file = compute_metric("fid", images, reference=path, features=features)
+    from_set = compute_metric("fid", images, reference=reference, features=features)
+    # the same float64 sums, stored and read back exactly: equal up to float error
+    assert from_file.value == pytest.approx(from_set.value, rel=1e-9) and from_file.value > 0
+    assert from_file.details["reference"]["kind"] == "statistics" and from_file.details["n_reference"] == n
+    checked = assert_fid_below(images, str(path), from_set.value * 1.01, features=features, tripwires=False)
+    assert checked.value == from_file.value
+
+    other = LookupFeatures(table * 2)
+    with pytest.raises(ReferenceSetError, match=rf"(?s)computed with features '{features.id}', this check uses "
+                                                rf"'{other.id}'.*fix: pass features='gaussian-lookup'.*"
+                                                r"save_reference_statistics"):
+        compute_metric("fid", images, reference=path, features=other)
+    with pytest.raises(ReferenceSetError, match=r"does not exist; fix: write it with "
+                                                r"pytest_diffeval.save_reference_statistics"):
+        compute_metric("fid", images, reference=tmp_path / "missing.safetensors", features=features)
+    (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ReferenceSetError, match="cannot read reference statistics .*truncated.safetensors"):
+        compute_metric("fid", images, reference=tmp_path / "truncated.safetensors", features=features)
+    with pytest.raises(ReferenceSetError, match=r"go to a .safetensors file, not .*stats.npz"):
+        save_reference_statistics(reference, tmp_path / "stats.npz", features=features)

@@ -19,11 +19,49 @@ images with the same options and backbones computes nothing.
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+
+class DiffevalInputError(Exception):
+    """Marker base of pytest-diffeval's own clear errors about a metric's input, options or
+    set-up (each names the value and the fix): ``compute_metric`` lets them through as they
+    are.  Combine it with the builtin type callers catch, e.g. ``(DiffevalInputError, ValueError)``."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class MetricInputError(DiffevalInputError, ValueError):
+    """An image set, option or reference a metric cannot use."""
+
+
+class MissingDependencyError(DiffevalInputError, ModuleNotFoundError):
+    """A package a metric needs is not installed (the message names what to install)."""
+
+
+class UnknownMetricError(DiffevalInputError, KeyError):
+    """No metric is registered under the name asked for."""
+
+
+class MetricError(RuntimeError):
+    """An unexpected exception inside a metric, raised again naming the metric (the original
+    is its ``__cause__``).  Raised as a subclass that is also the original's type (a
+    ``ValueError`` stays catchable as one), see :func:`metric_error`."""
+
+    metric: str = ""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteMetricError(MetricError, ValueError):
+    """A metric gave NaN or inf: no verdict is given on such a value."""
 
 
 @dataclass
@@ -95,7 +133,8 @@ class FunctionMetric(Metric):
     def compute(self, images: Any, **options: Any) -> MetricResult:
         values = np.asarray(self.func(images, **options), dtype=np.float64).reshape(-1)
         if len(values) != len(images):
-            raise ValueError(f"metric {self.name!r} returned {len(values)} values for {len(images)} images; return one per image")
+            raise MetricInputError(f"pytest-diffeval: metric {self.name!r} returned {len(values)} values for "
+                                   f"{len(images)} images; return one per image")
         return MetricResult(self.name, float(values.mean()), self.backbone, self.higher_is_better, per_sample=values)
 
 
@@ -116,6 +155,7 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "style_loss": ("style", "StyleLoss"),
     "good_image_rate": ("derived", "GoodImageRate"),
     "seed_stability": ("derived", "SeedStability"),
+    "inception_score": ("inception_score", "InceptionScore"),
 }
 
 
@@ -155,7 +195,7 @@ def get_metric(name: str) -> Metric:
         module, cls = _BUILTINS[name]
         register_metric(getattr(importlib.import_module(f"{__name__}.{module}"), cls)())
     if name not in _REGISTRY:
-        raise KeyError(f"pytest-diffeval: unknown metric {name!r}; known: {sorted(set(_REGISTRY) | set(_BUILTINS))} "
+        raise UnknownMetricError(f"pytest-diffeval: unknown metric {name!r}; known: {sorted(set(_REGISTRY) | set(_BUILTINS))} "
                        "(register your own with pytest_diffeval.metrics.register_metric)")
     return _REGISTRY[name]
 
@@ -195,12 +235,103 @@ def compute_metric(name: str, images: Any, **options: Any) -> MetricResult:
 
 
 def _compute(metric: Metric, images: Any, options: dict[str, Any]) -> MetricResult:
+    """``metric.compute`` with its errors named and its result checked for NaN/inf."""
     try:
-        return metric.compute(images, **options)
-    except (KeyError, ValueError, FileNotFoundError, TypeError, ImportError):
-        raise  # our own clear errors about the input
-    except Exception as exc:  # noqa: BLE001 - re-raised with the metric's name
-        raise RuntimeError(f"pytest-diffeval: metric {metric.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        result = metric.compute(images, **options)
+    except Exception as exc:
+        if _passes_through(exc):
+            raise  # our own clear errors about the input, and errors already named
+        raise metric_error(metric.name, exc) from exc
+    check_finite(metric.name, images, result)
+    return result
 
 
-__all__ = ["Metric", "MetricResult", "FunctionMetric", "register_metric", "get_metric", "compute_metric"]
+# Clear input errors defined outside metrics/ (not DiffevalInputError subclasses): raised unchanged.
+_OWN_INPUT_ERRORS = (("pytest_diffeval.generation", "InputError"),
+                     ("pytest_diffeval.pipelines", "PipelineNotFoundError"))
+
+
+def _passes_through(exc: Exception) -> bool:
+    """The package's own input errors and errors that already name a metric (a derived
+    metric's inner one) are raised unchanged."""
+    if isinstance(exc, (DiffevalInputError, MetricError)):
+        return True
+    own = [getattr(sys.modules.get(module), cls, None) for module, cls in _OWN_INPUT_ERRORS]  # never imported here
+    return isinstance(exc, tuple(kind for kind in own if isinstance(kind, type)))
+
+
+@functools.lru_cache(maxsize=None)
+def _error_class(kind: type[BaseException]) -> type[MetricError]:
+    """``MetricError`` combined with ``kind``, so ``except ValueError`` (or the original's own
+    type) still catches the named error; plain ``MetricError`` when they cannot combine."""
+    if issubclass(kind, MetricError) or kind in (Exception, RuntimeError):
+        return MetricError
+    try:
+        return type(f"Metric{kind.__name__}", (MetricError, kind), {"__module__": __name__})
+    except TypeError:  # an instance layout that does not combine
+        return MetricError
+
+
+def metric_error(name: str, exc: Exception) -> MetricError:
+    """A :class:`MetricError` naming the metric ``name`` for ``exc``, of ``exc``'s type (or
+    its nearest base that can be built from a message)."""
+    message = (f"pytest-diffeval: metric {name!r} failed: {type(exc).__name__}: {exc}\n"
+               "  (an error inside the metric, not a verdict on the images: its traceback is above; "
+               "fix the metric or the options passed to it)")
+    for kind in type(exc).__mro__:
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            continue
+        try:
+            error = _error_class(kind)(message)
+        except Exception:  # noqa: BLE001 - a constructor that takes other arguments: try its base
+            continue
+        error.metric = name
+        return error
+    error = MetricError(message)
+    error.metric = name
+    return error
+
+
+def check_finite(name: str, images: Any, result: MetricResult) -> None:
+    """Raise :class:`NonFiniteMetricError` when the value or a per-sample value is NaN/inf
+    (or not a number), naming the samples (prompt, seed): no verdict is given on bad data."""
+    try:
+        value_ok = bool(np.isfinite(float(result.value)))
+        per_sample = None if result.per_sample is None else np.asarray(result.per_sample, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        value_ok, per_sample = False, None
+    bad = [] if per_sample is None else np.flatnonzero(~np.isfinite(per_sample)).tolist()
+    if value_ok and not bad:
+        return
+    where = _where_nonfinite(images, result, per_sample, bad)
+    error = NonFiniteMetricError(
+        f"pytest-diffeval: metric {name!r} gave a non-finite result: {where}. No verdict is given on bad data.\n"
+        "  fix: look at those images (all-black or NaN output: run in float32, --diffeval-dtype=float32, or check "
+        "the weights); a user metric must return finite numbers (np.isfinite) for every image"
+    )
+    error.metric = name
+    raise error
+
+
+def _where_nonfinite(images: Any, result: MetricResult, per_sample: np.ndarray | None, bad: list[int]) -> str:
+    """Which values are not finite, by (prompt, seed), and which images held NaN already."""
+    prompts, seeds = list(getattr(images, "prompts", None) or []), list(getattr(images, "seeds", None) or [])
+
+    def sample(i: int) -> str:
+        return f"(prompt {prompts[i]!r}, seed {seeds[i]})" if i < len(prompts) == len(seeds) else f"sample {i}"
+
+    if bad and per_sample is not None:
+        shown = ", ".join(f"{sample(i)} = {per_sample[i]}" for i in bad[:5])
+        where = (f"{len(bad)} of {len(per_sample)} per-sample values are NaN/inf: {shown}"
+                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    else:
+        where = f"its value over the {len(prompts) or '?'} images is {result.value!r}"
+    flagged = [i for i, flag in enumerate(getattr(images, "nonfinite", None) or []) if flag]
+    if flagged:
+        where += f"; the pipeline output of {', '.join(sample(i) for i in flagged[:5])} held NaN/inf"
+    return where
+
+
+__all__ = ["DiffevalInputError", "FunctionMetric", "Metric", "MetricError", "MetricInputError", "MetricResult",
+           "MissingDependencyError", "NonFiniteMetricError", "UnknownMetricError", "check_finite", "compute_metric",
+           "get_metric", "metric_error", "register_metric"]

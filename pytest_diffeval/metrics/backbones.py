@@ -16,12 +16,13 @@ import torch
 
 from .. import settings
 from ..fingerprints import resolve_model_dir  # noqa: F401 - also imported from here
+from . import DiffevalInputError
 
 LOADS: dict[str, int] = {}  # backbone id -> loads in this process
 _CACHE: dict[tuple[str, str], "ClipBackbone"] = {}
 
 
-class BackboneNotFoundError(FileNotFoundError):
+class BackboneNotFoundError(DiffevalInputError, FileNotFoundError):
     """A metric backbone (CLIP model, feature weights) could not be found."""
 
 
@@ -260,20 +261,20 @@ def load_clip(name: str, device: str = "cpu") -> ClipBackbone:
             "set --diffeval-clip-model / ini diffeval_clip_model, or use the embedded 'diffeval/tiny-clip'."
         ) from exc
     model = model.to(device).eval()
+    commit = getattr(model.config, "_commit_hash", None)
+    if path is None and "@" not in backbone_id and commit:  # downloaded just now: not in the cache before
+        backbone_id = f"{name}@{commit}"
     backbone = ClipBackbone(id=backbone_id, model=model, processor=processor, device=device,
-                            cache_id=_cache_id(backbone_id, path, model))
+                            cache_id=_cache_id(backbone_id, path))
     _CACHE[key] = backbone
     LOADS[backbone_id] = LOADS.get(backbone_id, 0) + 1
     return backbone
 
 
-def _cache_id(backbone_id: str, path: Path | None, model: Any) -> str | None:
+def _cache_id(backbone_id: str, path: Path | None) -> str | None:
     """Local and embedded backbones are identified by content; a hub backbone by the commit
-    it was loaded from (None, never cached, when that is unknown)."""
-    if path is not None:
-        return backbone_id
-    commit = getattr(model.config, "_commit_hash", None)
-    return f"{backbone_id}@{commit}" if commit else None
+    it was loaded from, part of its id (None, never cached, when that is unknown)."""
+    return backbone_id if path is not None or "@" in backbone_id else None
 
 
 def clip_features_module(backbone: ClipBackbone) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .. import settings
-from . import Metric, MetricResult
+from . import Metric, MetricInputError, MetricResult
 
 
 class ClipScore(Metric):
@@ -37,7 +37,7 @@ class ClipScore(Metric):
 
         prompts = list(prompts) if prompts is not None else list(images.prompts)
         if len(prompts) != len(images):
-            raise ValueError(f"clip_score: {len(prompts)} prompts for {len(images)} images; give one prompt per image")
+            raise MetricInputError(f"clip_score: {len(prompts)} prompts for {len(images)} images; give one prompt per image")
         backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
         long_prompts = backbone.warn_long_prompts(prompts)
         model, processor = backbone.as_torchmetrics()

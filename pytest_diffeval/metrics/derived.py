@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Metric, MetricResult
+from . import Metric, MetricInputError, MetricResult
 
 BOOTSTRAP_RESAMPLES = 50
 BOOTSTRAP_SEED = 0
@@ -39,11 +39,11 @@ def _inner(metric: str, of: str, images: Any, options: dict[str, Any]) -> Metric
     from . import compute_metric
 
     if of in {"good_image_rate", "seed_stability"}:
-        raise ValueError(f"pytest-diffeval: {metric}: of={of!r} is itself derived; choose a per-sample metric "
+        raise MetricInputError(f"pytest-diffeval: {metric}: of={of!r} is itself derived; choose a per-sample metric "
                          "such as 'clip_score' or 'aesthetic'")
     result = compute_metric(of, images, **options)
     if result.per_sample is None:
-        raise ValueError(f"pytest-diffeval: {metric} needs a per-sample metric, but {of!r} gives one value per set; "
+        raise MetricInputError(f"pytest-diffeval: {metric} needs a per-sample metric, but {of!r} gives one value per set; "
                          "choose e.g. of='clip_score', 'aesthetic' or a registered per-sample metric")
     return result
 
@@ -62,7 +62,7 @@ class GoodImageRate(_Derived):
                 **options: Any) -> MetricResult:
         """``options`` go to the ``of`` metric (e.g. ``clip_model=``, ``aesthetic_weights=``)."""
         if threshold is None:
-            raise ValueError(f"pytest-diffeval: good_image_rate needs threshold= (the value of {of!r} an image must "
+            raise MetricInputError(f"pytest-diffeval: good_image_rate needs threshold= (the value of {of!r} an image must "
                              "reach to count as good)")
         inner = _inner(self.name, of, images, options)
         values = np.asarray(inner.per_sample, dtype=np.float64)
@@ -95,7 +95,7 @@ class SeedStability(_Derived):
             groups.setdefault(prompt, []).append(float(value))
         single = [p for p, v in groups.items() if len(v) < 2]
         if single:
-            raise ValueError(f"pytest-diffeval: seed_stability needs at least 2 seeds per prompt; {len(single)} prompt(s) "
+            raise MetricInputError(f"pytest-diffeval: seed_stability needs at least 2 seeds per prompt; {len(single)} prompt(s) "
                              f"have one, e.g. {single[0]!r}; fix: generate with seeds=range(4) or more")
         spread = {prompt: float(np.std(values, ddof=1)) for prompt, values in groups.items()}
         ranked = sorted(spread.items(), key=lambda kv: kv[1], reverse=True)

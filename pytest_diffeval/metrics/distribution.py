@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
-from . import Metric, MetricResult
+from . import Metric, MetricInputError, MetricResult
 from .fid import _feature_extractor, _load_folder, _update_from_arrays
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
@@ -26,7 +26,7 @@ def _reference_arrays(reference: Any) -> Iterator[np.ndarray]:
 
     folder = Path(reference)
     if not folder.is_dir():
-        raise ValueError(f"pytest-diffeval: reference {folder} is not a folder of images (KID and CMMD need images, "
+        raise MetricInputError(f"pytest-diffeval: reference {folder} is not a folder of images (KID and CMMD need images, "
                          "not cached FID statistics)")
     return _load_folder(folder)
 
@@ -55,7 +55,7 @@ class KID(Metric):
         # spread (``std``) says how much the number would move with other images.
         subset_size = min(1000, min(len(images), len(real)) // 2)
         if subset_size < 2:
-            raise ValueError(f"pytest-diffeval: KID needs at least 2 images on each side, got {len(images)} and {len(real)}")
+            raise MetricInputError(f"pytest-diffeval: KID needs at least 2 images on each side, got {len(images)} and {len(real)}")
         metric = KernelInceptionDistance(feature=fid.inception, subsets=subsets, subset_size=subset_size,
                                          reset_real_features=False, normalize=False).to(device)
         _update_from_arrays(metric, iter(real), True, device, batch_size)
@@ -103,7 +103,7 @@ class CMMD(Metric):
         backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
         real = np.stack(list(_reference_arrays(reference)))
         if len(images) < 2 or len(real) < 2:
-            raise ValueError("pytest-diffeval: CMMD needs at least 2 images on each side")
+            raise MetricInputError("pytest-diffeval: CMMD needs at least 2 images on each side")
         embed = clip_features_module(backbone)
         x = torch.nn.functional.normalize(embed(images.as_tensor(backbone.device)), dim=-1)
         y = torch.nn.functional.normalize(embed(torch.from_numpy(real).permute(0, 3, 1, 2).to(backbone.device)), dim=-1)

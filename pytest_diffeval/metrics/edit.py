@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .. import settings
-from . import Metric, MetricResult
+from . import Metric, MetricInputError, MetricResult
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -24,7 +24,7 @@ def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarr
     """``value`` (an ImageSet, a uint8 ``(N, H, W, 3)`` or ``(H, W, 3)`` array, or a list of
     ``(H, W, 3)`` arrays) as uint8 ``(count, H, W, 3)``; a single image is used for all."""
     if value is None:
-        raise ValueError(f"pytest-diffeval: {metric} needs {option}= (an ImageSet or uint8 images of shape "
+        raise MetricInputError(f"pytest-diffeval: {metric} needs {option}= (an ImageSet or uint8 images of shape "
                          f"(N, H, W, 3), one per generated image or one for all), or images generated with "
                          f"generate(..., source_images=...), which carry their inputs")
     if hasattr(value, "images") and hasattr(value, "sample_keys"):
@@ -34,22 +34,22 @@ def image_array(value: Any, *, metric: str, option: str, count: int) -> np.ndarr
                         "numpy array of shape (N, H, W, 3) (e.g. tensor.permute(0, 2, 3, 1).numpy())")
     elif isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError(f"pytest-diffeval: {metric}: {option} is empty; give one image per generated image")
+            raise MetricInputError(f"pytest-diffeval: {metric}: {option} is empty; give one image per generated image")
         value = [np.asarray(v) for v in value]
         if len({v.shape for v in value}) != 1:
-            raise ValueError(f"pytest-diffeval: {metric}: the images in {option} differ in size "
+            raise MetricInputError(f"pytest-diffeval: {metric}: the images in {option} differ in size "
                              f"({sorted({v.shape for v in value})}); resize them to one size")
         value = np.stack(value)
     array = np.asarray(value)
     if array.ndim == 3:
         array = array[None]
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"pytest-diffeval: {metric}: {option} must be uint8 images of shape (N, H, W, 3), got "
+        raise MetricInputError(f"pytest-diffeval: {metric}: {option} must be uint8 images of shape (N, H, W, 3), got "
                          f"{array.dtype} {array.shape}; fix: convert with pytest_diffeval.generation.to_uint8")
     if len(array) == 1 and count != 1:
         array = np.broadcast_to(array, (count, *array.shape[1:]))
     if len(array) != count:
-        raise ValueError(f"pytest-diffeval: {metric}: {option} holds {len(array)} images for {count} generated "
+        raise MetricInputError(f"pytest-diffeval: {metric}: {option} holds {len(array)} images for {count} generated "
                          "images; give one per generated image (same order) or a single one for all")
     return array
 
@@ -66,11 +66,11 @@ def carried(images: Any, value: Any, *keys: str) -> Any:
 def text_list(value: Any, *, metric: str, option: str, count: int) -> list[str]:
     """``value`` (a list of strings, one per image, or one string for all) as a list."""
     if value is None:
-        raise ValueError(f"pytest-diffeval: {metric} needs {option}= (a list of captions, one per image, or one "
+        raise MetricInputError(f"pytest-diffeval: {metric} needs {option}= (a list of captions, one per image, or one "
                          f"str for all), or pass it to generate(..., {option}=...) so the images carry it")
     texts = [value] * count if isinstance(value, str) else list(value)
     if len(texts) != count or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"pytest-diffeval: {metric}: {option} holds {len(texts)} entries for {count} images; "
+        raise MetricInputError(f"pytest-diffeval: {metric}: {option} holds {len(texts)} entries for {count} images; "
                          "give one caption (str) per image, or a single str for all")
     return texts
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
-from . import Metric, MetricResult
+from . import DiffevalInputError, Metric, MetricResult
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
@@ -23,8 +23,107 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-class ReferenceSetError(ValueError):
+class ReferenceSetError(DiffevalInputError, ValueError):
     """A reference image set or statistics file that cannot be used."""
+
+
+# torch-fidelity's Inception-v3 weights (TensorFlow's 2015-12-05 graph, converted); the file
+# name's "-6726825d" is the start of its sha256, which torch.hub checks after a download.
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_DIMS = (64, 192, 768, 2048)
+
+
+def _inception_weights_file(configured: str | None) -> Path:
+    """The local weights file: ``--diffeval-inception-weights`` if given (it must exist), else
+    torch-fidelity's file in the torch.hub cache, downloaded there once (hash-checked)."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pytest-diffeval: Inception weights file {path} (--diffeval-inception-weights / ini "
+                "diffeval_inception_weights) does not exist; fix: point the option at torch-fidelity's "
+                "weights-inception-2015-12-05-6726825d.pth (.pth/.pt, loaded with weights_only=True) or its "
+                "safetensors conversion, or choose fid_features='clip:<clip model>'"
+            )
+        return path
+    import torch
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(path), hash_prefix="6726825d", progress=False)
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, hash mismatch: one clear message
+            raise RuntimeError(
+                f"pytest-diffeval: FID features inception-v3-* need torch-fidelity's Inception weights, and "
+                f"downloading {INCEPTION_WEIGHTS_URL} failed ({exc}); fix: fetch that file on a machine with "
+                "internet and pass it with --diffeval-inception-weights=PATH"
+            ) from exc
+    return path
+
+
+def load_inception_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an Inception weights file, read without running pickled code:
+    ``.safetensors`` as such, anything else with ``torch.load(weights_only=True)``."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated or a pickle with code in it
+        raise ValueError(
+            f"pytest-diffeval: cannot read Inception weights file {path} ({type(exc).__name__}: {exc}); fix: "
+            "use torch-fidelity's weights-inception-2015-12-05-6726825d.pth or its safetensors conversion"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pytest-diffeval: Inception weights file {path} holds no state dict of tensors")
+    return state
+
+
+def inception_features(features: str, weights: str | None) -> tuple[torch.nn.Module, str]:
+    """torchmetrics' Inception-v3 (torch-fidelity's network, antialiased resize) giving the
+    ``features`` (``"inception-v3-<dim>"``) pool, with the weights of ``weights``, and its
+    feature id: the name plus the weights file's content hash (other weights, other scores)."""
+    dim = features.rsplit("-", 1)[1]
+    if not dim.isdigit() or int(dim) not in INCEPTION_DIMS:
+        raise ValueError(f"pytest-diffeval: unknown FID features {features!r}; Inception gives "
+                         f"{', '.join(f'inception-v3-{d}' for d in INCEPTION_DIMS)}")
+    try:
+        import torch_fidelity  # noqa: F401 - torchmetrics' Inception is torch-fidelity's network
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"pytest-diffeval: FID features {features!r} need torchmetrics' Inception (package torch-fidelity, "
+            f"`pip install torch-fidelity`, which needs torchvision; import failed: {exc}) and, offline, its weights "
+            "file via --diffeval-inception-weights. Or choose CLIP features: fid_features='clip:<clip model>'."
+        ) from exc
+    import io
+
+    import torch
+
+    from ..fingerprints import file_fingerprint
+
+    path = _inception_weights_file(weights)
+    # torch-fidelity reads its weights with torch.load(weights_only=False): hand it only a buffer
+    # serialised here from the tensors read safely above, never the file itself.
+    buffer = io.BytesIO()
+    torch.save(load_inception_state(path), buffer)
+    buffer.seek(0)
+    try:
+        module = NoTrainInceptionV3(name="inception-v3-compat", features_list=[dim],
+                                    feature_extractor_weights_path=buffer, antialias=True)
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshaped tensors
+        raise ValueError(
+            f"pytest-diffeval: Inception weights file {path} does not fit torch-fidelity's Inception-v3 "
+            f"({str(exc)[:300]}); fix: use weights-inception-2015-12-05-6726825d.pth or its safetensors conversion"
+        ) from exc
+    module.num_features = int(dim)  # torchmetrics then skips its dummy forward pass
+    return module, f"{features}@sha256:{file_fingerprint(path)}"
 
 
 def _feature_extractor(features: Any, device: str) -> tuple[FrechetInceptionDistance, str, str]:
@@ -44,20 +143,9 @@ def _feature_extractor(features: Any, device: str) -> tuple[FrechetInceptionDist
         metric = FrechetInceptionDistance(feature=clip_features_module(backbone), reset_real_features=False, normalize=False)
         return metric, f"clip:{backbone.id}", "CLIPProcessor (resize, centre crop, normalise)"
     if features.startswith("inception-v3-"):
-        dim = int(features.rsplit("-", 1)[1])
-        weights = settings.current().inception_weights
-        try:
-            metric = FrechetInceptionDistance(
-                feature=dim, reset_real_features=False, normalize=False, antialias=True,
-                feature_extractor_weights_path=weights,
-            )
-        except ModuleNotFoundError as exc:
-            raise ModuleNotFoundError(
-                f"pytest-diffeval: FID features {features!r} need torchmetrics' Inception (package torch-fidelity, "
-                "`pip install torch-fidelity`) and, offline, its weights file via --diffeval-inception-weights. "
-                "Or choose CLIP features: fid_features='clip:<clip model>'."
-            ) from exc
-        return metric, f"{features}{'@' + Path(weights).name if weights else ''}", "torch-fidelity Inception, 299px bilinear, antialias=True"
+        module, feature_id = inception_features(features, settings.current().inception_weights)
+        metric = FrechetInceptionDistance(feature=module, reset_real_features=False, normalize=False)
+        return metric, feature_id, "torch-fidelity Inception, 299px bilinear, antialias=True"
     raise ValueError(f"pytest-diffeval: unknown FID features {features!r}; use 'inception-v3-2048', 'clip:<model>' or an nn.Module")
 
 
@@ -149,18 +237,9 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
 
     if isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".safetensors"):
         path = Path(reference)
-        if not path.is_file():
-            raise ReferenceSetError(f"pytest-diffeval: reference statistics file {path} does not exist")
-        from safetensors import safe_open
+        from .reference_stats import read_reference_statistics
 
-        with safe_open(str(path), "pt") as handle:
-            stored = (handle.metadata() or {}).get("feature_id")
-        if stored != feature_id:
-            raise ReferenceSetError(
-                f"pytest-diffeval: reference statistics {path} were computed with features {stored!r}, "
-                f"this check uses {feature_id!r}; fix: recompute them with the same backbone"
-            )
-        tensors = load_file(str(path))
+        tensors = read_reference_statistics(path, feature_id)
         source = {"kind": "statistics", "path": str(path)}
     else:
         if hasattr(reference, "images") and hasattr(reference, "sample_keys"):

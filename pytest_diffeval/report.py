@@ -7,7 +7,11 @@ the controller turns the rows of all workers into
 * ``metrics.json`` in the results directory (:func:`session_document`),
 * a self-contained HTML page (:func:`render_html`): images inlined as data URIs, inline
   CSS and JS, nothing fetched from the network,
-* a markdown table for GitHub Actions' ``$GITHUB_STEP_SUMMARY`` (:func:`step_summary`).
+* a markdown table for GitHub Actions' ``$GITHUB_STEP_SUMMARY`` (:func:`step_summary`);
+
+and, under ``--snapshot-update --diffeval-baseline-images``, stores small thumbnails beside
+each baseline (:func:`store_baseline_images`) that the page shows next to this run's images.
+Every file name read from a results or baseline folder is checked by :func:`inside`.
 
 Only the standard library is imported here at module level (the plugin loads this module
 in every pytest run); Pillow is imported when a page with images is rendered.
@@ -25,7 +29,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable
 
 FORMAT_VERSION = 1
@@ -33,6 +37,8 @@ PASSING = frozenset({"pass", "improved", "recorded"})  # verdicts that do not fa
 THUMBNAIL_MAX = 384  # larger images are embedded downscaled (the PNGs on disk keep full size)
 DISPLAY_MIN = 128  # smaller images are shown upscaled by an integer factor (pixelated)
 STEP_SUMMARY_MAX_ROWS = 300
+BASELINE_THUMBNAIL_MAX = 64  # --diffeval-baseline-images: thumbnails small enough to commit beside the baseline
+BASELINE_IMAGES_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -64,16 +70,48 @@ def reference(row: dict[str, Any]) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a
     killed run) sees the old file or the new one, never half of one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write_text` for bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class UnsafePath(ValueError):
+    """A file name read from a file (``samples.json``, ``metrics.json``, a thumbnail index)
+    that would lead outside the folder it must stay in."""
+
+
+def inside(folder: Path, name: Any, *, source: Path | str, what: str, fix: str) -> Path:
+    """``folder / name``, where ``name`` comes from the file ``source`` and must be a relative
+    path that stays inside ``folder``: no absolute path, no ``..``, and no symbolic link out of
+    it.  Anything else is :class:`UnsafePath` naming ``source``, the value and ``fix``: results
+    and baselines come from CI artifacts and pull requests, and a name like ``../../etc``
+    must never make the report read, or a merge copy or delete, anything outside."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise UnsafePath(f"{source}: {what} {name!r} is not a file name. Fix: {fix}")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        raise UnsafePath(f"{source}: {what} {name!r} is an absolute path; only names inside {folder} are read. "
+                         f"Fix: {fix}")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise UnsafePath(f"{source}: {what} {name!r} contains '..'; only names inside {folder} are read. Fix: {fix}")
+    path = folder / name
+    resolved, root = path.resolve(), folder.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise UnsafePath(f"{source}: {what} {name!r} resolves to {resolved}, outside {folder} (a symbolic link?). "
+                         f"Fix: {fix}")
+    return path
 
 
 def _by_test(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -238,12 +276,13 @@ def step_summary(rows: list[dict[str, Any]], *, report: Path | None = None, resu
     bad_tests = sum(is_test_failed(r, (outcomes or {}).get(t)) for t, r in tests)
     lines = [f"### pytest-diffeval: {bad_checks} of {len(rows)} metric checks failed "
              f"({bad_tests} of {len(tests)} tests)", "",
-             "| | test | metric | value | baseline ± tol / threshold | delta | verdict |",
-             "|---|---|---|---:|---|---:|---|"]
+             "| | test | metric | backbone | value | baseline ± tol / threshold | delta | verdict |",
+             "|---|---|---|---|---:|---|---:|---|"]
     ordered = [row for _, test_rows in tests for row in sorted(test_rows, key=lambda r: not failed(r))]
     for row in ordered[:STEP_SUMMARY_MAX_ROWS]:
         mark = ":x:" if failed(row) else ":white_check_mark:"
-        lines.append(f"| {mark} | `{_md(row.get('test'))}` | {_md(row.get('metric'))} | {_fmt(row.get('value'))} | "
+        lines.append(f"| {mark} | `{_md(row.get('test'))}` | {_md(row.get('metric'))} | {_md(row.get('backbone'))} | "
+                     f"{_fmt(row.get('value'))} | "
                      f"{_md(reference(row))} | {_signed(row.get('delta'))} | {_md(row.get('verdict'))} |")
     if len(ordered) > STEP_SUMMARY_MAX_ROWS:
         lines.append(f"\n... and {len(ordered) - STEP_SUMMARY_MAX_ROWS} more checks (see metrics.json)")
@@ -271,7 +310,11 @@ class _ImageFolder:
     path: Path
     images: list[_Image] = field(default_factory=list)
     call_kwargs: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.errors) or None
 
 
 def _data_uri(file: Path) -> tuple[str, int, int]:
@@ -290,27 +333,251 @@ def _data_uri(file: Path) -> tuple[str, int, int]:
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), *image.size
 
 
+SAMPLES_FIX = ("samples.json lists the images beside it by file name (as ImageSet.save writes them); "
+               "regenerate the results directory, or take it from a run you trust")
+
+
 def load_image_folder(folder: str | Path) -> _ImageFolder:
-    """The images ``ImageSet.save`` wrote to ``folder`` (listed by its ``samples.json``)."""
+    """The images ``ImageSet.save`` wrote to ``folder`` (listed by its ``samples.json``).
+    A listed file outside the folder is not read: the page says which entry was refused."""
     path = Path(folder)
     result = _ImageFolder(path)
+    listing_file = path / "samples.json"
     try:
-        listing = json.loads((path / "samples.json").read_text(encoding="utf-8"))
+        listing = json.loads(listing_file.read_text(encoding="utf-8"))
         entries = listing.get("samples", [])
         result.call_kwargs = listing.get("call_kwargs") or {}
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError("'samples' is not a list of objects")
     except (OSError, ValueError, AttributeError):
         entries = [{"file": p.name, "prompt": None, "seed": None}
                    for p in sorted(path.glob("[0-9][0-9][0-9][0-9]_*.png"))]
     for entry in entries:
         try:
-            uri, width, height = _data_uri(path / entry["file"])
-        except (OSError, KeyError, ValueError) as exc:
-            result.error = f"{path / str(entry.get('file'))}: {exc}"
+            file = inside(path, entry.get("file"), source=listing_file, what="sample file", fix=SAMPLES_FIX)
+            uri, width, height = _data_uri(file)
+        except UnsafePath as exc:
+            result.errors.append(f"refused: {exc}")
+            continue
+        except (OSError, ValueError) as exc:
+            result.errors.append(f"{path / str(entry.get('file'))}: {exc}")
             continue
         result.images.append(_Image(entry.get("prompt"), entry.get("seed"), uri, width, height, entry["file"]))
     if not entries:
-        result.error = f"no images found in {path}"
+        result.errors.append(f"no images found in {path}")
     return result
+
+
+# --------------------------------------------------------------------------- baseline thumbnails
+
+
+def baseline_images_dir(baseline_file: str | Path) -> Path:
+    """Where the thumbnails of a baseline live: ``baselines/<module>/<test>.images/``."""
+    path = Path(baseline_file)
+    return path.with_name(path.stem + ".images")
+
+
+def _flag(value: Any, name: str) -> bool:
+    text = str(value if value is not None else "").strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"", "0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"pytest-diffeval: {name} = {value!r} is not a boolean; use true or false")
+
+
+def baseline_images_enabled(config: Any) -> bool:
+    """``--diffeval-baseline-images`` or ini ``diffeval_baseline_images = true``."""
+    value = config.getoption("diffeval_baseline_images", None)
+    if value is None:
+        try:
+            value = config.getini("diffeval_baseline_images")
+        except ValueError:  # an older plugin without the option
+            return False
+    return _flag(value, "diffeval_baseline_images")
+
+
+def record_baseline_images(images: Any, baseline_file: Path, snapshot: Any) -> Path | None:
+    """Called by ``DiffevalBaseline.assert_no_regression``: under ``--snapshot-update`` with
+    ``--diffeval-baseline-images``, store thumbnails of the images beside the baseline file."""
+    if not getattr(snapshot, "update_snapshots", False):
+        return None
+    config = getattr(getattr(getattr(snapshot, "session", None), "pytest_session", None), "config", None)
+    if config is None or not baseline_images_enabled(config):
+        return None
+    return store_baseline_images(images, baseline_file)
+
+
+_RUN_TOKEN = f"{os.getpid()}-{time.time_ns()}"  # thumbnails of several calls in one test and run are merged
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _thumbnail_digest(entries: list[dict[str, Any]]) -> str:
+    """One digest over every (seed, prompt, thumbnail hash): what the index vouches for."""
+    lines = sorted(f"{e['seed']}|{e['prompt']}|{e['sha256']}" for e in entries)
+    return _sha256("\n".join(lines).encode("utf-8"))
+
+
+def _thumbnail_png(pixels: Any, max_size: int) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(pixels).convert("RGB")
+    if max(image.size) > max_size:
+        image.thumbnail((max_size, max_size), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _read_index(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("samples"), list) else None
+
+
+def store_baseline_images(images: Any, baseline_file: str | Path, *,
+                          max_size: int = BASELINE_THUMBNAIL_MAX) -> Path | None:
+    """Write thumbnails (at most ``max_size`` px, one PNG per (prompt, seed)) of ``images``
+    to :func:`baseline_images_dir` and an ``index.json`` naming each one with its sha256, the
+    digest over all of them and the sha256 of the baseline file they were recorded with (a
+    baseline re-recorded without them leaves a folder the report detects as stale).
+
+    Atomic: thumbnails are content-addressed files written before the index, which is
+    replaced last, so a reader (or a killed run) sees the old set or the new one.  Returns the
+    folder, or None when the baseline file does not exist."""
+    baseline_file = Path(baseline_file)
+    if not baseline_file.is_file():
+        return None
+    pixels, prompts, seeds = getattr(images, "images", None), getattr(images, "prompts", None), \
+        getattr(images, "seeds", None)
+    if pixels is None or prompts is None or seeds is None:
+        return None
+    folder = baseline_images_dir(baseline_file)
+    baseline_sha = _sha256(baseline_file.read_bytes())
+    existing = _read_index(folder)
+    fresh = existing is not None and existing.get("baseline_sha256") == baseline_sha
+    kept: dict[str, dict[str, Any]] = {}
+    if existing is not None and (fresh or existing.get("run") == _RUN_TOKEN):
+        kept = {f"{e.get('seed')}|{e.get('prompt')}": e for e in existing["samples"] if isinstance(e, dict)}
+    keys = [f"{seed}|{prompt}" for prompt, seed in zip(prompts, seeds)]
+    if fresh and all(k in kept for k in keys):
+        return folder  # the baseline did not change: its thumbnails stand
+    entries = dict(kept)
+    for key, prompt, seed, image in zip(keys, prompts, seeds, pixels):
+        data = _thumbnail_png(image, max_size)
+        sha = _sha256(data)
+        name = f"{sha[:16]}.png"
+        if not (folder / name).is_file():
+            atomic_write_bytes(folder / name, data)
+        width, height = _png_size(data)
+        entries[key] = {"prompt": str(prompt), "seed": int(seed), "file": name, "sha256": sha,
+                        "width": width, "height": height}
+    samples = list(entries.values())
+    provenance = getattr(images, "provenance", None) or {}
+    index = {
+        "format_version": BASELINE_IMAGES_FORMAT,
+        "what": "pytest-diffeval baseline thumbnails (--diffeval-baseline-images)",
+        "test": getattr(images, "test_id", None),
+        "baseline_file": baseline_file.name,
+        "baseline_sha256": baseline_sha,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": _RUN_TOKEN,
+        "max_size": max_size,
+        "model": {k: provenance.get(k) for k in ("model", "model_hash", "pipeline_class", "dtype", "device_kind")
+                  if provenance.get(k) is not None},
+        "digest": _thumbnail_digest(samples),
+        "samples": samples,
+    }
+    atomic_write_text(folder / "index.json", json.dumps(index, indent=2) + "\n")
+    used = {e["file"] for e in samples}
+    for stale in folder.glob("*.png"):  # thumbnails of an earlier recording
+        if re.fullmatch(r"[0-9a-f]{16}\.png", stale.name) and stale.name not in used:
+            stale.unlink(missing_ok=True)
+    return folder
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+THUMBNAILS_FIX = "re-record them: pytest --snapshot-update --diffeval-baseline-images <test>"
+
+
+@dataclass
+class _BaselineThumbnails:
+    folder: Path
+    images: dict[str, _Image] = field(default_factory=dict)  # "<seed>|<prompt>" -> thumbnail
+    note: str | None = None
+
+
+class _ThumbnailCache:
+    """Baseline thumbnails by baseline file, each folder read once per page."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, _BaselineThumbnails] = {}
+
+    def get(self, baseline_file: str | None) -> _BaselineThumbnails | None:
+        if not baseline_file:
+            return None
+        if baseline_file not in self._loaded:
+            self._loaded[baseline_file] = load_baseline_images(baseline_file)
+        return self._loaded[baseline_file]
+
+
+def load_baseline_images(baseline_file: str | Path) -> _BaselineThumbnails:
+    """The thumbnails stored beside ``baseline_file``, checked against their index: none when
+    the folder is stale (the baseline changed after they were recorded), a thumbnail does not
+    match its sha256, or the index names a file outside its folder (the note says which)."""
+    folder = baseline_images_dir(baseline_file)
+    out = _BaselineThumbnails(folder)
+    index_file = folder / "index.json"
+    if not folder.is_dir():
+        return out
+    index = _read_index(folder)
+    if index is None:
+        out.note = f"{index_file}: missing or not a thumbnail index; {THUMBNAILS_FIX}"
+        return out
+    version = index.get("format_version")
+    if not isinstance(version, int) or version > BASELINE_IMAGES_FORMAT:
+        out.note = f"{index_file}: format_version {version!r} is newer than this pytest-diffeval reads; upgrade it"
+        return out
+    try:
+        baseline_sha = _sha256(Path(baseline_file).read_bytes())
+    except OSError as exc:
+        out.note = f"cannot read {baseline_file}: {exc}"
+        return out
+    if index.get("baseline_sha256") != baseline_sha:
+        out.note = (f"{folder}: stale, the baseline {Path(baseline_file).name} changed after these thumbnails were "
+                    f"recorded (not shown); {THUMBNAILS_FIX}")
+        return out
+    images: dict[str, _Image] = {}
+    try:
+        entries = [e for e in index["samples"] if isinstance(e, dict)]
+        if index.get("digest") != _thumbnail_digest(entries):
+            raise ValueError(f"{index_file}: its digest does not match the thumbnails it lists (edited by hand?)")
+        for entry in entries:
+            file = inside(folder, entry.get("file"), source=index_file, what="thumbnail file", fix=THUMBNAILS_FIX)
+            if _sha256(file.read_bytes()) != entry.get("sha256"):
+                raise ValueError(f"{file}: does not match the sha256 in {index_file}")
+            uri, width, height = _data_uri(file)
+            key = f"{entry.get('seed')}|{entry.get('prompt')}"
+            images[key] = _Image(entry.get("prompt"), entry.get("seed"), uri, width, height, str(entry.get("file")))
+    except UnsafePath as exc:
+        out.note = f"refused: {exc}"
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        out.note = f"baseline thumbnails not shown: {exc}; {THUMBNAILS_FIX}"
+        return out
+    out.images = images
+    return out
 
 
 def _e(value: Any) -> str:
@@ -398,8 +665,16 @@ def _display_width(width: int) -> int:
     return width * math.ceil(DISPLAY_MIN / max(width, 1))
 
 
-def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _BaselineSamples) -> str:
-    """The folder's images, one row per prompt (worst prompt first), one column per seed."""
+def _baseline_file_of(checks: list[dict[str, Any]]) -> str | None:
+    """The baseline file the checks were compared with (None when recorded in this run)."""
+    return next((str(r["baseline_file"]) for r in checks if r.get("baseline_file") and r.get("baseline") is not None
+                 and r.get("verdict") != "recorded"), None)
+
+
+def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _BaselineSamples,
+                thumbnails: _BaselineThumbnails | None = None) -> str:
+    """The folder's images, one row per prompt (worst prompt first), one column per seed;
+    each beside the baseline's thumbnail of the same (prompt, seed) where one is stored."""
     per_sample: list[tuple[dict[str, Any], dict[tuple[int | None, str | None], dict[str, Any]]]] = []
     for row in checks:
         values = {(s["seed"], s["prompt"]): s for s in samples(row, baselines.get(row))}
@@ -412,6 +687,7 @@ def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _
     for image in folder.images:
         if image.prompt not in prompt_order:
             prompt_order.append(image.prompt)
+    stored = thumbnails.images if thumbnails else {}
     rows = []
     for prompt in prompt_order:
         figures = []
@@ -425,18 +701,32 @@ def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _
                 cls = " bad" if failed(row) else ""
                 values.append(f'<span class="v{cls}">{_e(row["metric"])} {_fmt(sample["value"])}{_e(change)}</span>')
             label = f"seed {image.seed}" if image.seed is not None else image.file
+            shown = _display_width(image.width)
+            picture = (f'<img class="sample" src="{image.uri}" width="{shown}" '
+                       f'alt="{_e(prompt)} (seed {_e(image.seed)})" '
+                       f'title="{_e(prompt)} | seed {_e(image.seed)} | {_e(image.file)}">')
+            old = stored.get(f"{image.seed}|{image.prompt}")
+            width = max(shown, 160)
+            if old is not None:
+                width = max(2 * shown + 6, 160)
+                picture = (f'<div class="pair"><div>{picture}<span class="tag">this run</span></div><div>'
+                           f'<img class="baseline" src="{old.uri}" width="{shown}" '
+                           f'alt="baseline: {_e(prompt)} (seed {_e(image.seed)})" '
+                           f'title="baseline thumbnail ({old.width}x{old.height}) | {_e(prompt)} | seed {_e(image.seed)}">'
+                           f'<span class="tag">baseline</span></div></div>')
             figures.append(
-                f'<figure data-prompt="{_e(image.prompt)}" data-seed="{_e(image.seed)}" '
-                f'style="width:{max(_display_width(image.width), 160)}px">'
-                f'<img class="sample" src="{image.uri}" width="{_display_width(image.width)}" '
-                f'alt="{_e(prompt)} (seed {_e(image.seed)})" '
-                f'title="{_e(prompt)} | seed {_e(image.seed)} | {_e(image.file)}">'
-                f'<figcaption><b>{_e(label)}</b>{"".join(values)}</figcaption></figure>')
+                f'<figure data-prompt="{_e(image.prompt)}" data-seed="{_e(image.seed)}" style="width:{width}px">'
+                f'{picture}<figcaption><b>{_e(label)}</b>{"".join(values)}</figcaption></figure>')
         rows.append(f'<div class="prompt-row"><div class="prompt-label">{_e(prompt if prompt is not None else "")}'
                     f'</div><div class="figures">{"".join(figures)}</div></div>')
-    note = f'<div class="muted small">{_e(folder.error)}</div>' if folder.error else ""
+    notes = [folder.error] if folder.error else []
+    if thumbnails and thumbnails.note:
+        notes.append(thumbnails.note)
+    note = "".join(f'<div class="muted small note">{_e(n)}</div>' for n in notes)
+    where = (f'; baseline thumbnails: <code>{_e(thumbnails.folder)}</code>' if thumbnails and thumbnails.images
+             else "")
     return (f'<div class="grid"><div class="muted small">images: <code>{_e(folder.path)}</code> '
-            f"(full-size PNGs and grid.png)</div>{''.join(rows)}{note}</div>")
+            f"(full-size PNGs and grid.png){where}</div>{''.join(rows)}{note}</div>")
 
 
 def _shows(row: dict[str, Any], folder: _ImageFolder) -> bool:
@@ -507,7 +797,10 @@ td.prompt{max-width:320px}.neg{color:var(--bad);font-weight:600}.pos{color:var(-
 figure{margin:0;font-size:11px;color:var(--muted)}
 figure b{color:var(--ink);display:block}
 figcaption{overflow-wrap:anywhere}figcaption .v{display:block;font-variant-numeric:tabular-nums}figcaption .v.bad{color:var(--bad)}
-img.sample{display:block;height:auto;image-rendering:pixelated;border:1px solid var(--line);border-radius:3px;background:#ddd}
+img.sample,img.baseline{display:block;height:auto;image-rendering:pixelated;border:1px solid var(--line);border-radius:3px;background:#ddd}
+img.baseline{border-style:dashed}
+.pair{display:flex;gap:6px}.pair .tag{display:block;font-size:10px;color:var(--muted)}
+.grid .note{color:var(--bad)}
 details.provenance{margin-top:8px;font-size:12px}details.provenance summary{cursor:pointer;color:var(--muted)}
 details.provenance dl{margin:6px 0 0}details.provenance dt{float:left;clear:left;width:110px;color:var(--muted)}
 details.provenance dd{margin:0 0 2px 120px;word-break:break-all}
@@ -517,16 +810,32 @@ body.failed-only .passed{display:none}
 
 # The page writes what it rendered into attributes of <html>, so a headless browser's
 # --dump-dom shows it (tests/test_report.py): images decoded with their natural sizes,
-# and the tests the filter leaves visible.  "#failed-only" in the URL turns the filter on.
+# the tests the filter leaves visible, the visible text of each grid's labels and the
+# failing metrics shown.  "#failed-only" in the URL turns the filter on.
 _JS = """
 (function () {
   var root = document.documentElement, box = document.getElementById('failed-only');
+  function shown(element) { return element.getClientRects().length > 0; }
+  function text(element) { return element ? element.innerText.trim() : null; }
   function visible() {
-    var out = [];
+    var out = [], failing = [], labels = [];
     document.querySelectorAll('section.test').forEach(function (s) {
-      if (getComputedStyle(s).display !== 'none') out.push(s.getAttribute('data-test'));
+      if (!shown(s)) return;
+      var test = s.getAttribute('data-test');
+      out.push(test);
+      s.querySelectorAll('.check.bad[data-metric]').forEach(function (c) {
+        if (shown(c)) failing.push([test, text(c.querySelector('.metric'))]);
+      });
+      s.querySelectorAll('.prompt-row').forEach(function (r) {
+        labels.push([test, text(r.querySelector('.prompt-label')),
+                     Array.prototype.map.call(r.querySelectorAll('figure'), function (f) {
+                       return [text(f.querySelector('figcaption b')), f.querySelectorAll('img.baseline').length];
+                     })]);
+      });
     });
     root.setAttribute('data-visible-tests', JSON.stringify(out));
+    root.setAttribute('data-failing-metrics', JSON.stringify(failing));
+    root.setAttribute('data-grid-labels', JSON.stringify(labels));
   }
   function apply() {
     document.body.classList.toggle('failed-only', box.checked);
@@ -544,6 +853,8 @@ _JS = """
     var ok = images.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; });
     root.setAttribute('data-images-total', images.length);
     root.setAttribute('data-images-rendered', ok.length);
+    root.setAttribute('data-baseline-images-rendered', ok.filter(function (i) {
+      return i.classList.contains('baseline'); }).length);
     root.setAttribute('data-images-min-natural', ok.length ? Math.min.apply(null, ok.map(function (i) {
       return Math.min(i.naturalWidth, i.naturalHeight); })) : 0);
     root.setAttribute('data-render-check', 'done');
@@ -562,6 +873,7 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
     meta = meta or {}
     outcomes = outcomes or {}
     baselines = _BaselineSamples()
+    thumbnails = _ThumbnailCache()
     tests = ordered_tests(rows, outcomes)
     n_failed_tests = sum(is_test_failed(r, outcomes.get(t)) for t, r in tests)
     n_failed_checks = sum(failed(r) for r in rows)
@@ -583,7 +895,8 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
         folders: list[_ImageFolder] = []
         for folder in dict.fromkeys(r["images"] for r in checks if r.get("images")):
             folders.append(load_image_folder(folder))
-        grids = "".join(_image_grid(f, [r for r in checks if _shows(r, f)], baselines) for f in folders)
+        grids = "".join(_image_grid(f, shown, baselines, thumbnails.get(_baseline_file_of(shown)))
+                        for f in folders for shown in [[r for r in checks if _shows(r, f)]])
         if not folders:
             grids = ('<div class="muted small">images of passing checks are not kept; run with '
                      '<code>--diffeval-results-always</code> to see them</div>')

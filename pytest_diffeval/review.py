@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,8 @@ def load(path: str | Path, *, keep_going: bool = False) -> Source:
     if path.is_dir():
         if (path / "metrics.json").is_file():
             return Source(path, "results", read_results(path / "metrics.json"), 1)
-        files = sorted(p for p in path.rglob("*.json") if not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*.json") if not p.name.startswith(".")
+                       and not any(part.endswith(".images") for part in p.relative_to(path).parts[:-1]))
         if not files:
             raise ReviewError(f"{path}: holds no baseline files (*.json) and no metrics.json")
         source = Source(path, "baselines", files=len(files))
@@ -381,19 +383,24 @@ def _results_document(directory: Path) -> dict[str, Any]:
 
 
 def _find_baseline(recorded: str | None, root: Path) -> str | None:
-    """A baseline file recorded on another machine: its own path if it exists here, else the
-    longest trailing part of that path that exists under ``root``."""
+    """A baseline file recorded on another machine: its own path if it exists here inside
+    ``root``, else the longest trailing part of that path that exists under ``root``; None
+    when there is none (the report then shows no per-sample baseline columns).  A path that
+    leads outside ``root`` is never followed: ``metrics.json`` may come from anywhere."""
     if not recorded:
         return recorded
+    base = root.resolve()
     path = Path(recorded)
-    if path.is_file():
-        return recorded
-    parts = path.parts[1:] if path.is_absolute() else path.parts
+    if path.is_file() and path.resolve().is_relative_to(base):
+        return str(path.resolve())
+    parts = [p for p in (path.parts[1:] if path.is_absolute() else path.parts) if p not in ("", ".")]
+    if ".." in parts:
+        return None
     for start in range(len(parts)):
-        candidate = root.joinpath(*parts[start:])
-        if candidate.is_file():
-            return str(candidate.resolve())
-    return recorded
+        candidate = (root.joinpath(*parts[start:])).resolve()
+        if candidate.is_file() and candidate.is_relative_to(base):
+            return str(candidate)
+    return None
 
 
 def _row(check: dict[str, Any]) -> dict[str, Any]:
@@ -430,6 +437,10 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
                 raise ReviewError(f"{test} is in both {owner[test]} and {source}: overlapping shards? "
                                   "(--allow-duplicates keeps the later directory's results)")
             owner[test] = source
+    for source, document in documents:  # refuse bad input before anything is written
+        for check in document["checks"]:
+            if owner[str(check["test"])] == source and check.get("images"):
+                _image_source(_image_folder_name(check, _folder_of(source)), _folder_of(source), out)
     notes: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -445,8 +456,13 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
                 continue
             check = dict(check)
             if check.get("images"):
-                check["images"] = _copy_images(Path(check["images"]), source, out, copied, notes)
-            check["baseline_file"] = _find_baseline(check.get("baseline_file"), Path(root))
+                folder = _folder_of(source)
+                check["images"] = _copy_images(_image_folder_name(check, folder), folder, out, copied, notes)
+            found = _find_baseline(check.get("baseline_file"), Path(root))
+            if check.get("baseline_file") and found is None:
+                notes.append(f"baseline file {check['baseline_file']} of {check['test']} is not under --root "
+                             f"{Path(root).resolve()}: the report shows no per-sample baseline values for it")
+            check["baseline_file"] = found
             checks.append(check)
             rows.append(_row(check))
     tests = ordered_tests(rows, outcomes)
@@ -486,25 +502,99 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
                   len(copied), notes)
 
 
-def _copy_images(recorded: Path, source: Path, out: Path, copied: dict[str, Path], notes: list[str]) -> str | None:
-    """Copy a check's image folder into ``out`` (once); return its new path."""
-    import shutil
+IMAGES_FIX = ("'images' names the check's image folder, which the run wrote inside its results directory "
+              "(beside metrics.json); merge results directories as the runs wrote them, from runs you trust")
 
-    key = str(recorded)
+
+def _image_folder_name(check: dict[str, Any], source: Path) -> str:
+    """The name of a check's image folder inside ``source``: the last part of the path the run
+    recorded (an absolute path on the runner; the artifact may live elsewhere now).  A value
+    that is not a path, holds ``..`` or ends in no folder name (``/``, ``.``) is refused."""
+    value = check.get("images")
+    where = f"{source / 'metrics.json'}: the 'images' of {check.get('test')!r} is {value!r}"
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ReviewError(f"{where}, not a folder path. Fix: {IMAGES_FIX}")
+    path = Path(value)
+    if ".." in path.parts:
+        raise ReviewError(f"{where}, which contains '..' and could lead outside the results directory {source}. "
+                          f"Fix: {IMAGES_FIX}")
+    if path.name in ("", "."):
+        raise ReviewError(f"{where}, which names no folder inside the results directory {source}. Fix: {IMAGES_FIX}")
+    return path.name
+
+
+def _copy_tree(folder: Path, target: Path, notes: list[str]) -> None:
+    """Copy the regular files and folders under ``folder`` to ``target``; symbolic links are
+    left out (one could point anywhere on the machine that merges)."""
+    target.mkdir(parents=True)
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            notes.append(f"left out the symbolic link {entry} (only regular files are merged)")
+        elif entry.is_dir():
+            _copy_tree(entry, target / entry.name, notes)
+        elif entry.is_file():
+            shutil.copy2(entry, target / entry.name)
+
+
+def _copy_images(name: str, source: Path, out: Path, copied: dict[str, Path], notes: list[str]) -> str | None:
+    """Copy the image folder ``name`` of the results directory ``source`` into ``out`` (once
+    per folder); return its new path.  Only a folder inside ``source`` is read, only
+    ``out/<name>`` is ever replaced, and ``samples.json`` in it must name files inside it."""
+    key = f"{source.resolve()}|{name}"
     if key in copied:
         return str(copied[key])
-    folder = source / recorded.name  # the results directory moved (a CI artifact): find it by name
-    if not folder.is_dir():
-        folder = recorded
-    if not folder.is_dir():
-        notes.append(f"images of a check are missing: looked for {source / recorded.name} and {recorded}")
+    folder = _image_source(name, source, out)
+    if folder is None:
+        notes.append(f"images of a check are missing: no folder {name!r} in {source}")
         return None
-    target = out / recorded.name
-    if folder.resolve() != target.resolve():
-        tmp = out / f".{recorded.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+    target = out / name  # one plain name: directly in out
+    tmp = out / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _copy_tree(folder, tmp, notes)
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
     copied[key] = target.resolve()
     return str(copied[key])
+
+
+def _folder_of(source: Path) -> Path:
+    """The results directory of a source given as the directory or its ``metrics.json``."""
+    return source if source.is_dir() else source.parent
+
+
+def _image_source(name: str, source: Path, out: Path) -> Path | None:
+    """``source/<name>`` when it is a folder inside ``source`` whose ``samples.json`` names
+    files inside it, None when there is no such folder; :class:`ReviewError` for a name that
+    would read from, or write to, anywhere outside ``source`` and ``out``."""
+    from .report import UnsafePath, inside
+
+    document = source / "metrics.json"
+    try:
+        folder = inside(source, name, source=document, what="image folder", fix=IMAGES_FIX)
+        inside(out, name, source=document, what="image folder", fix=IMAGES_FIX)
+    except UnsafePath as exc:
+        raise ReviewError(str(exc)) from None
+    if not folder.is_dir():
+        return None
+    _check_samples_listing(folder)
+    return folder
+
+
+def _check_samples_listing(folder: Path) -> None:
+    """Refuse an image folder whose ``samples.json`` names an image outside it."""
+    from .report import SAMPLES_FIX, UnsafePath, inside
+
+    listing = folder / "samples.json"
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8")).get("samples", [])
+    except (OSError, ValueError, AttributeError):
+        return  # no listing: the report lists the folder's PNGs itself
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            inside(folder, entry.get("file") if isinstance(entry, dict) else entry, source=listing,
+                   what="sample file", fix=SAMPLES_FIX)
+        except UnsafePath as exc:
+            raise ReviewError(str(exc)) from None

@@ -4,12 +4,18 @@ real headless Chromium, JUnit properties and the GitHub step summary, under ``-n
 ``-n 2`` (pytest-mpl's reports came out empty under xdist; ours must not).
 
 One scenario serves every test here and in ``test_review.py`` (a model run costs seconds):
-record the baselines (``--diffeval-results-always``), darken the model, then run the failing
-suite once serially and once with two workers.  It runs once per session, also when this
-suite itself runs under xdist (a file lock, as in pytest-xdist's docs)."""
+record the baselines with two workers (``--diffeval-results-always``, and
+``--diffeval-baseline-images`` so the report can show the baseline's images), darken the
+model, then run the failing suite once serially and once with two workers.  It runs once
+per session, also when this suite itself runs under xdist (a file lock, as in
+pytest-xdist's docs)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
+import io
 import json
 import os
 import re
@@ -75,7 +81,7 @@ class Run:
 @dataclass
 class Scenario:
     root: str
-    recorded: Run  # --snapshot-update --diffeval-results-always, every check passes
+    recorded: Run  # -n 2 --snapshot-update --diffeval-results-always --diffeval-baseline-images, every check passes
     serial: Run  # darkened model, -n 0, default results dir and report path
     parallel: Run  # darkened model, -n 2, --diffeval-results / --diffeval-report elsewhere
 
@@ -94,6 +100,14 @@ def _run(pytester: pytest.Pytester, name: str, *args: str, results: str | None =
     options += [f"--diffeval-report={report}"] if report else []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GITHUB_STEP_SUMMARY", str(summary))
+        # One torch thread in every run.  Under -n the plugin gives each worker cores/workers
+        # threads (plugin._limit_worker_threads) unless OMP_NUM_THREADS is set, while a -n 0
+        # run takes every core: on a 2-core machine 1 thread vs 2, whose float sums round
+        # differently, so a few pixels (and per-sample values) of the serial and the -n 2
+        # runs differed and the "-n 2 is as complete as -n 0" comparisons failed whenever
+        # this suite ran without OMP_NUM_THREADS=1 in its environment.  MKL reads its own.
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
         for leaked in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # when this suite runs under -n
             mp.delenv(leaked, raising=False)
         result = pytester.runpytest_subprocess(*options)
@@ -104,7 +118,8 @@ def _run(pytester: pytest.Pytester, name: str, *args: str, results: str | None =
 
 def _make_scenario(user: pytest.Pytester) -> Scenario:
     user.makepyfile(test_user=USER_TEST)
-    recorded = _run(user, "recorded", "--snapshot-update", "--diffeval-results-always", results="results-recorded")
+    recorded = _run(user, "recorded", "-n", "2", "--snapshot-update", "--diffeval-results-always",
+                    "--diffeval-baseline-images", results="results-recorded")
     darken(user.path / "model", amount=0.3)  # darker by ~40 of 255: a clear regression, images still visible
     serial = _run(user, "serial")
     parallel = _run(user, "parallel", "-n", "2", results="results-n2", report="reports/n2.html")
@@ -167,6 +182,9 @@ def test_terminal_table_has_a_row_per_check_and_names_the_report(scenario: Scena
         assert f"{regressed['value']:#.4g}" in line and f"{regressed['baseline']:#.4g} ± 1" in line
         assert f"{regressed['delta']:+#.4g}" in line and regressed["delta"] < -1.0
         assert line.rstrip().endswith("regressed")
+        for (test, metric), cells in rows.items():  # the backbone column names each check's backbone
+            assert cells.split()[2] == _check(metrics, test, metric)["backbone"], cells
+        assert rows[FAILING, "clip_score"].split()[2].startswith("tiny-clip@")
         assert ">= 0" in rows[PASSING, "brightness"] and rows[PASSING, "brightness"].rstrip().endswith("pass")
         assert f"images of {FAILING}: {Path(run.results) / 'test_user.py__test_alignment'}" in out
         assert f"diffeval HTML report: {run.report}" in out
@@ -208,6 +226,7 @@ def test_results_directory_holds_failed_images_and_one_metrics_json(scenario: Sc
 
 
 def test_results_always_keeps_the_images_of_passing_checks(scenario: Scenario) -> None:
+    assert scenario.recorded.metrics["workers"] == 2  # recorded under -n 2: the workers' images are all there
     results = Path(scenario.recorded.results)
     assert (results / "test_user.py__test_not_black" / "grid.png").is_file()
     assert len(list((results / "test_user.py__test_not_black").glob("0*.png"))) == 4
@@ -234,7 +253,7 @@ def test_html_report_is_one_self_contained_page(scenario: Scenario) -> None:
     for external in ("http://", "https://", "<link", "src=\"//", "@import", "url("):
         assert external not in page, external
     sources = re.findall(r'<(?:img|script|iframe|video|audio|source)\b[^>]*\bsrc="([^"]*)"', page)
-    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 6 + 6 and all(s.startswith("data:image/png;base64,") for s in sources)  # run + baseline
     assert "image-rendering:pixelated" in page
     sections = re.findall(r'<section class="test (\w+)"[^>]*data-test="([^"]+)"', page)
     assert sections == [("failed", FAILING), ("passed", PASSING)]
@@ -288,19 +307,49 @@ def _rendered(url: str) -> tuple[dict[str, str], str]:
     return attributes, dom
 
 
-def test_report_renders_in_headless_chromium(scenario: Scenario, tmp_path: Path) -> None:
-    report = Path(scenario.serial.report).resolve()
+def _json_attribute(value: str) -> Any:
+    return json.loads(html.unescape(value))
+
+
+def _expected_grid(run: Run) -> list[list[Any]]:
+    """What the failing test's grid must show, from ``metrics.json``: one row per prompt, worst
+    prompt first, labelled with the prompt; one figure per seed captioned "seed N", each beside
+    one baseline thumbnail."""
+    regressed = _check(run.metrics, FAILING, "brightness")
+    change: dict[str, list[float]] = {}
+    seeds: dict[str, list[int]] = {}
+    for sample in regressed["samples"]:
+        change.setdefault(sample["prompt"], []).append(sample["change"])
+        seeds.setdefault(sample["prompt"], []).append(sample["seed"])
+    order = sorted(change, key=lambda p: sum(change[p]) / len(change[p]))
+    return [[FAILING, prompt, [[f"seed {seed}", 1] for seed in seeds[prompt]]] for prompt in order]
+
+
+def _check_rendered_report(run: Run) -> None:
+    """Load ``run``'s report in headless Chromium and check what the browser shows."""
+    report = Path(run.report).resolve()
     shown, dom = _rendered(report.as_uri())
     assert shown["data-render-check"] == "done"
-    assert shown["data-images-total"] == shown["data-images-rendered"] == "6"
-    assert int(shown["data-images-min-natural"]) == TINY_SIZE
-    assert json.loads(shown["data-visible-tests"].replace("&quot;", '"')) == [FAILING, PASSING]
+    assert shown["data-images-total"] == shown["data-images-rendered"] == str(6 + 6)  # this run's and the baseline's
+    assert shown["data-baseline-images-rendered"] == "6"
+    assert int(shown["data-images-min-natural"]) == TINY_SIZE  # 32 px thumbnails: stored as they are (<= 64)
+    assert _json_attribute(shown["data-visible-tests"]) == [FAILING, PASSING]
     assert shown["data-filter"] == "all"
-    assert f'data-test="{FAILING}" data-status="failed"' in dom and "regressed" in dom
+    assert f'data-test="{FAILING}" data-status="failed"' in dom
+    failing = [[c["test"], c["metric"]] for c in run.metrics["checks"] if not c["passed"]]
+    assert failing == [[FAILING, "brightness"]]
+    assert _json_attribute(shown["data-failing-metrics"]) == failing  # the visible red check cards, by their text
+    assert _json_attribute(shown["data-grid-labels"]) == _expected_grid(run)  # visible prompt labels, "seed N"
 
     filtered, _ = _rendered(report.as_uri() + "#failed-only")
     assert filtered["data-filter"] == "failed-only"
-    assert json.loads(filtered["data-visible-tests"].replace("&quot;", '"')) == [FAILING]
+    assert _json_attribute(filtered["data-visible-tests"]) == [FAILING]
+    assert _json_attribute(filtered["data-failing-metrics"]) == failing
+
+
+def test_report_renders_in_headless_chromium(scenario: Scenario, tmp_path: Path) -> None:
+    _check_rendered_report(scenario.serial)
+    report = Path(scenario.serial.report).resolve()
 
     from PIL import Image
 
@@ -314,6 +363,62 @@ def test_report_renders_in_headless_chromium(scenario: Scenario, tmp_path: Path)
     if os.environ.get("DIFFEVAL_UPDATE_SCREENSHOT"):
         _chromium_run(f"--screenshot={Path(__file__).parents[1] / 'docs' / 'report.png'}", "--window-size=1200,1400",
                       report.as_uri())
+
+
+def test_xdist_report_renders_in_headless_chromium(scenario: Scenario) -> None:
+    _check_rendered_report(scenario.parallel)
+
+
+# --------------------------------------------------------------------------- baseline thumbnails
+
+
+def _decode(uri: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_baseline_thumbnails_are_recorded_beside_the_baseline(scenario: Scenario) -> None:
+    baseline = Path(scenario.root) / "baselines" / "test_user" / "test_alignment.json"
+    folder = baseline.with_name("test_alignment.images")
+    index = json.loads((folder / "index.json").read_text())
+    assert index["baseline_sha256"] == hashlib.sha256(baseline.read_bytes()).hexdigest()  # recorded with this file
+    assert index["test"] == FAILING and index["max_size"] == 64
+    recorded = Path(scenario.recorded.results) / "test_user.py__test_alignment"
+    listing = json.loads((recorded / "samples.json").read_text())["samples"]
+    assert sorted((s["prompt"], s["seed"]) for s in index["samples"]) == sorted((s["prompt"], s["seed"]) for s in listing)
+    by_key = {(s["prompt"], s["seed"]): s for s in index["samples"]}
+    for sample in listing:  # each thumbnail is the recorded run's image (32 px: not downscaled)
+        entry = by_key[sample["prompt"], sample["seed"]]
+        thumb = folder / entry["file"]
+        assert hashlib.sha256(thumb.read_bytes()).hexdigest() == entry["sha256"]
+        assert np.array_equal(_png(thumb), _png(recorded / sample["file"]))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["index.json", *{e["file"] for e in index["samples"]}])
+    assert not (baseline.with_name("test_not_black.images")).exists()  # no baseline, no thumbnails
+
+
+def test_report_shows_the_baseline_image_beside_each_sample(scenario: Scenario) -> None:
+    folder = Path(scenario.root) / "baselines" / "test_user" / "test_alignment.images"
+    index = json.loads((folder / "index.json").read_text())
+    thumbs = {(s["prompt"], str(s["seed"])): _png(folder / s["file"]) for s in index["samples"]}
+    for run in (scenario.serial, scenario.parallel):
+        figures = re.findall(r'<figure data-prompt="([^"]*)" data-seed="(\d+)"[^>]*>(.*?)</figure>', run.html)
+        assert len(figures) == 6
+        for prompt, seed, body in figures:
+            [now] = re.findall(r'<img class="sample" src="([^"]+)"', body)
+            [then] = re.findall(r'<img class="baseline" src="([^"]+)"', body)
+            baseline = _decode(then)
+            assert np.array_equal(baseline, thumbs[html.unescape(prompt), seed])
+            assert baseline.mean() > _decode(now).mean() + 20  # the model was darkened after recording
+        assert f"baseline thumbnails: <code>{folder}</code>" in run.html
 
 
 # --------------------------------------------------------------------------- JUnit, step summary
@@ -344,8 +449,12 @@ def test_github_step_summary_is_appended_once(scenario: Scenario) -> None:
         assert "1 of 3 metric checks failed (1 of 2 tests)" in text
         rows = [line for line in text.splitlines() if line.startswith("| :")]
         assert len(rows) == 3
-        assert any(r.startswith("| :x: | `test_user.py::test_alignment` | brightness |") and r.endswith("| regressed |")
-                   for r in rows)
+        backbone = _check(run.metrics, FAILING, "brightness")["backbone"]
+        assert any(r.startswith(f"| :x: | `test_user.py::test_alignment` | brightness | {backbone} |")
+                   and r.endswith("| regressed |") for r in rows)
+        clip = _check(run.metrics, FAILING, "clip_score")["backbone"]
+        assert any(f"| clip_score | {clip} |" in r for r in rows) and clip.startswith("tiny-clip@")
+        assert "| | test | metric | backbone | value |" in text
         assert any("`test_user.py::test_not_black`" in r and ":white_check_mark:" in r for r in rows)
 
 
@@ -406,3 +515,177 @@ def test_html_escapes_prompts_and_shrinks_large_images(tmp_path: Path) -> None:
     outputs = write_outputs([row], results_dir=blocked, report=blocked / "report.html", meta={})
     assert outputs.metrics is None and outputs.report is None  # reported, not raised: the test results stand
     assert len(outputs.errors) == 2 and str(blocked / "metrics.json") in outputs.errors[0]
+
+
+def test_per_prompt_order_without_a_baseline_puts_the_worst_value_first(tmp_path: Path) -> None:
+    from pytest_diffeval.report import per_prompt, render_html
+
+    prompts = ["p-low", "p-low", "p-high", "p-high", "p-mid", "p-mid"]
+    values = [0.1, 0.3, 0.9, 0.7, 0.5, 0.4]
+    row = {"test": "t.py::test_x", "metric": "distance", "backbone": "b", "value": sum(values) / 6,
+           "higher_is_better": False, "verdict": "above threshold", "threshold": 0.2, "per_sample": values,
+           "prompts": prompts, "seeds": [0, 1] * 3}
+    means: dict[str, list[float]] = {}
+    for prompt, value in zip(prompts, values):
+        means.setdefault(prompt, []).append(value)
+    expected = sorted(means, key=lambda p: -sum(means[p]) / len(means[p]))  # lower is better: the highest is worst
+    assert expected == ["p-high", "p-mid", "p-low"]
+    assert [p["prompt"] for p in per_prompt(row)] == expected
+    page = render_html([row])
+    assert re.findall(r'<td class="prompt">([^<]*)</td>', page) == expected
+    assert "worst value first" in page and "lower is better" in page
+    row["higher_is_better"] = True  # the same values, higher is better: the lowest is worst
+    assert [p["prompt"] for p in per_prompt(row)] == expected[::-1]
+
+
+# --------------------------------------------------------------------------- untrusted file names
+
+
+def test_samples_json_cannot_make_the_report_read_outside_its_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pytest_diffeval.report import render_html
+
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(outside / "private.png")
+    folder = tmp_path / "results" / "t"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / "0000_seed0_a.png")
+    (folder / "link.png").symlink_to(outside / "private.png")
+    bad = ["../../secret/private.png", str(outside / "private.png"), "link.png"]
+    listing = {"samples": [{"file": "0000_seed0_a.png", "prompt": "a", "seed": 0}] +
+               [{"file": name, "prompt": "a", "seed": i + 1} for i, name in enumerate(bad)]}
+    (folder / "samples.json").write_text(json.dumps(listing))
+    row = {"test": "t.py::test_x", "metric": "m", "backbone": "b", "value": 1.0, "higher_is_better": True,
+           "verdict": "out of bounds", "threshold": 2.0, "per_sample": [1.0] * 4, "prompts": ["a"] * 4,
+           "seeds": [0, 1, 2, 3], "images": str(folder)}
+    page = html.unescape(render_html([row]))
+    [uri] = re.findall(r'<img class="sample" src="([^"]+)"', page)  # only the file inside the folder
+    assert _decode(uri)[0, 0].tolist() == [200, 30, 30]
+    listing_file = folder / "samples.json"
+    assert f"{listing_file}: sample file '../../secret/private.png' contains '..'" in page
+    assert f"{listing_file}: sample file '{outside / 'private.png'}' is an absolute path" in page
+    assert f"{listing_file}: sample file 'link.png' resolves to {(outside / 'private.png').resolve()}, outside {folder}" in page
+    assert page.count("Fix: samples.json lists the images beside it by file name") == 3
+
+
+# --------------------------------------------------------------------------- baseline thumbnails, in process
+
+
+def _image_set(shade: int, size: int = 100) -> Any:
+    from pytest_diffeval.generation import ImageSet
+
+    pixels = np.full((4, size, size * 3 // 4, 3), shade, dtype=np.uint8)
+    pixels[:, : size // 2] = 255 - shade  # top half differs, so downscaling has something to average
+    return ImageSet(images=pixels, prompts=["a cat", "a cat", "a dog", "a dog"], seeds=[0, 1, 0, 1],
+                    provenance={"model": "m", "model_hash": "abc"}, test_id="t.py::test_x")
+
+
+def _baseline(root: Path, value: float = 1.0) -> Path:
+    file = root / "baselines" / "t" / "test_x.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"format_version": 1, "test": "t.py::test_x", "checks": {"m": {"value": value}}}))
+    return file
+
+
+def test_baseline_thumbnails_are_small_content_addressed_and_replaced_atomically(tmp_path: Path) -> None:
+    from pytest_diffeval.report import BASELINE_THUMBNAIL_MAX, load_baseline_images, store_baseline_images
+
+    baseline = _baseline(tmp_path)
+    folder = store_baseline_images(_image_set(40), baseline)
+    assert folder == baseline.with_name("test_x.images")
+    index = json.loads((folder / "index.json").read_text())
+    sizes = {(s["width"], s["height"]) for s in index["samples"]}
+    assert sizes == {(48, 64)} and BASELINE_THUMBNAIL_MAX == 64  # 100x75 scaled to fit in 64 px, aspect kept
+    for sample in index["samples"]:
+        assert sample["file"] == hashlib.sha256((folder / sample["file"]).read_bytes()).hexdigest()[:16] + ".png"
+    assert len({s["file"] for s in index["samples"]}) == 1  # identical thumbnails share one file
+    shown = load_baseline_images(baseline)
+    assert shown.note is None and sorted(shown.images) == ["0|a cat", "0|a dog", "1|a cat", "1|a dog"]
+
+    # Re-recording (a new baseline file) replaces the set: old thumbnails go, the index names the new ones.
+    old_files = {s["file"] for s in index["samples"]}
+    baseline = _baseline(tmp_path, value=2.0)
+    store_baseline_images(_image_set(200), baseline)
+    index = json.loads((folder / "index.json").read_text())
+    assert not old_files & {p.name for p in folder.glob("*.png")}
+    assert {p.name for p in folder.iterdir()} == {"index.json", *{s["file"] for s in index["samples"]}}
+    assert not list(folder.glob(".*tmp"))
+    assert _decode(load_baseline_images(baseline).images["0|a cat"].uri).mean() > 100
+
+
+def test_stale_or_tampered_baseline_thumbnails_are_not_shown(tmp_path: Path) -> None:
+    from pytest_diffeval.report import load_baseline_images, render_html, store_baseline_images
+
+    baseline = _baseline(tmp_path)
+    folder = store_baseline_images(_image_set(40), baseline)
+    row = {"test": "t.py::test_x", "metric": "m", "backbone": "b", "value": 0.5, "higher_is_better": True,
+           "verdict": "regressed", "baseline": 1.0, "tolerance": 0.1, "delta": -0.5, "baseline_file": str(baseline),
+           "per_sample": [0.5] * 4, "prompts": ["a cat", "a cat", "a dog", "a dog"], "seeds": [0, 1, 0, 1],
+           "images": str(_image_set(90).save(tmp_path / "results" / "t"))}
+    assert render_html([row]).count('<img class="baseline"') == 4
+
+    # The baseline re-recorded without --diffeval-baseline-images: its thumbnails are stale.
+    fresh = baseline.read_text()
+    baseline.write_text(fresh.replace("1.0", "1.5"))
+    shown = load_baseline_images(baseline)
+    assert shown.images == {} and "stale, the baseline test_x.json changed after these thumbnails" in shown.note
+    page = html.unescape(render_html([row]))
+    assert '<img class="baseline"' not in page and "--snapshot-update --diffeval-baseline-images" in page
+    baseline.write_text(fresh)
+    assert len(load_baseline_images(baseline).images) == 4
+
+    index_file = folder / "index.json"
+    index = json.loads(index_file.read_text())
+    thumb = folder / index["samples"][0]["file"]
+    original = thumb.read_bytes()
+    thumb.write_bytes(original[:-8] + b"tampered")
+    assert "does not match the sha256" in load_baseline_images(baseline).note
+    thumb.write_bytes(original)
+
+    from pytest_diffeval.report import _thumbnail_digest
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(original)
+    for name, message in [("../../../outside.png", "contains '..'"), (str(outside), "is an absolute path")]:
+        forged = json.loads(json.dumps(index))
+        forged["samples"][0]["file"] = name
+        forged["digest"] = _thumbnail_digest(forged["samples"])  # a consistent forgery: only the path check stops it
+        index_file.write_text(json.dumps(forged))
+        shown = load_baseline_images(baseline)
+        assert shown.images == {} and f"{index_file}: thumbnail file {name!r} {message}" in shown.note
+    forged["digest"] = "0" * 64
+    index_file.write_text(json.dumps(forged))
+    assert "its digest does not match" in load_baseline_images(baseline).note
+
+
+def test_baseline_images_option_is_off_unless_asked(tmp_path: Path) -> None:
+    from pytest_diffeval.report import baseline_images_enabled, record_baseline_images
+
+    class Config:
+        def __init__(self, option: Any, ini: Any) -> None:
+            self.option, self.ini = option, ini
+
+        def getoption(self, name: str, default: Any = None) -> Any:
+            assert name == "diffeval_baseline_images"
+            return self.option
+
+        def getini(self, name: str) -> Any:
+            assert name == "diffeval_baseline_images"
+            return self.ini
+
+    class Snapshot:  # what syrupy's ``snapshot`` offers: update flag and the pytest session
+        def __init__(self, update: bool, config: Config) -> None:
+            self.update_snapshots = update
+            self.session = type("S", (), {"pytest_session": type("P", (), {"config": config})()})()
+
+    assert baseline_images_enabled(Config("true", "false")) and baseline_images_enabled(Config(None, "yes"))
+    assert not baseline_images_enabled(Config(None, "false")) and not baseline_images_enabled(Config(None, ""))
+    with pytest.raises(ValueError, match="diffeval_baseline_images = 'maybe' is not a boolean; use true or false"):
+        baseline_images_enabled(Config(None, "maybe"))
+    baseline = _baseline(tmp_path)
+    assert record_baseline_images(_image_set(40), baseline, Snapshot(True, Config(None, "false"))) is None
+    assert record_baseline_images(_image_set(40), baseline, Snapshot(False, Config("true", "true"))) is None
+    assert not baseline.with_name("test_x.images").exists()  # neither off nor a plain run writes thumbnails
+    assert record_baseline_images(_image_set(40), baseline, Snapshot(True, Config(None, "true"))).is_dir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -132,3 +133,113 @@ def test_results_merge_refuses_overlap_and_input_that_is_not_results(
     assert "no metrics.json here" in capsys.readouterr().err
     assert main(["results", "merge", str(one), "--out", str(one)]) == 2
     assert "the output directory is one of the inputs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- results merge: untrusted input
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for folders): to prove nothing changed."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _edit_check(results: Path, **changes: object) -> None:
+    metrics = json.loads((results / "metrics.json").read_text())
+    metrics["checks"][0].update(changes)
+    (results / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder next to the results that a forged metrics.json must not reach."""
+    folder = tmp_path / "outside" / "private"
+    folder.mkdir(parents=True)
+    (folder / "secret.png").write_bytes(b"not yours")
+    return folder
+
+
+@pytest.mark.parametrize("images, message", [
+    ("..", "which contains '..' and could lead outside the results directory"),
+    ("../../outside/private", "which contains '..' and could lead outside the results directory"),
+    ("/", "which names no folder inside the results directory"),
+    (".", "which names no folder inside the results directory"),
+    (["a", "b"], "not a folder path"),
+], ids=["dotdot", "relative-climb", "root", "dot", "not-a-string"])
+def test_results_merge_refuses_image_folders_outside_the_results(
+        tmp_path: Path, outside: Path, capsys: pytest.CaptureFixture[str], images: object, message: str) -> None:
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")
+    two = results_dir(tmp_path / "runner2", "test_m.py::test_b", 12.0, "below threshold", "2/2")
+    _edit_check(two, images=images)
+    before = _tree(tmp_path)
+    out = tmp_path / "runner2" / "merged"  # "images": ".." once made the merge delete out's parent
+    assert main(["results", "merge", str(one), str(two), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {two / 'metrics.json'}: the 'images' of 'test_m.py::test_b' is {images!r}, {message}" in err
+    assert "Fix: 'images' names the check's image folder" in err
+    assert _tree(tmp_path) == before  # nothing written, copied or deleted anywhere
+
+
+def test_results_merge_never_follows_an_image_folder_out_of_the_results(
+        tmp_path: Path, outside: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")
+    two = results_dir(tmp_path / "runner2", "test_m.py::test_b", 12.0, "below threshold", "2/2")
+    out = tmp_path / "merged"
+
+    # An absolute path elsewhere: only its name is looked up inside the results directory.
+    _edit_check(two, images=str(outside))
+    before = _tree(outside.parent)
+    assert main(["results", "merge", str(one), str(two), "--out", str(out)]) == 0
+    assert f"note: images of a check are missing: no folder 'private' in {two}" in capsys.readouterr().err
+    assert not (out / "private").exists() and _tree(outside.parent) == before
+    assert json.loads((out / "metrics.json").read_text())["checks"][0]["images"] is None
+
+    # A symbolic link in the results directory that leads out of it.
+    (two / "private").symlink_to(outside, target_is_directory=True)
+    assert main(["results", "merge", str(one), str(two), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {two / 'metrics.json'}: image folder 'private' resolves to {outside.resolve()}, outside {two}" in err
+    assert _tree(outside.parent) == before
+
+    # The output's folder of that name is a link out of --out: it is never replaced or deleted.
+    (two / "private").unlink()
+    shutil.copytree(two / "test_m_py_test_b", two / "private")
+    (out / "private").symlink_to(outside, target_is_directory=True)
+    assert main(["results", "merge", str(one), str(two), "--out", str(out)]) == 2
+    assert f"image folder 'private' resolves to {outside.resolve()}, outside {out}" in capsys.readouterr().err
+    assert _tree(outside.parent) == before
+
+
+def test_results_merge_refuses_samples_json_naming_files_outside_its_folder(
+        tmp_path: Path, outside: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")
+    two = results_dir(tmp_path / "runner2", "test_m.py::test_b", 12.0, "below threshold", "2/2")
+    listing = two / "test_m_py_test_b" / "samples.json"
+    data = json.loads(listing.read_text())
+    forged = "../../../outside/private/secret.png"
+    data["samples"][0]["file"] = forged
+    listing.write_text(json.dumps(data))
+    out = tmp_path / "merged"
+    assert main(["results", "merge", str(one), str(two), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {listing}: sample file {forged!r} contains '..'" in err
+    assert "Fix: samples.json lists the images beside it by file name" in err
+    assert not out.exists()
+
+
+def test_results_merge_reads_baseline_files_only_under_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")
+    root = tmp_path / "checkout"
+    inside_root = root / "baselines" / "test_m" / "test_a.json"
+    inside_root.parent.mkdir(parents=True)
+    inside_root.write_text("{}")
+    elsewhere = tmp_path / "elsewhere" / "test_a.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("{}")
+    out = tmp_path / "merged"
+    for recorded, expected in [("/runner/work/repo/baselines/test_m/test_a.json", str(inside_root.resolve())),
+                               (str(elsewhere), None), ("../../elsewhere/test_a.json", None)]:
+        _edit_check(one, baseline_file=recorded)
+        assert main(["results", "merge", str(one), "--out", str(out), "--root", str(root)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["checks"][0]["baseline_file"] == expected
+        err = capsys.readouterr().err
+        assert (expected is None) == (f"baseline file {recorded} of test_m.py::test_a is not under --root" in err)

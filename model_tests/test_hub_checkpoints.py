@@ -1,6 +1,8 @@
 """The same shape of tests for real hub checkpoints.  They need a CUDA GPU and the
-weights (in the Hugging Face cache, or downloadable): on a machine without a GPU they
-skip with the reason, and ``--diffeval-require-gpu`` turns that skip into a failure.
+weights (in the Hugging Face cache, or downloadable): on a machine without a GPU, or on
+a GPU machine without the weights, they skip with a reason that names the model and how
+to get it (``huggingface-cli download <id>``, ``HF_HOME``, ``--diffeval-model=<id>=PATH``),
+and ``--diffeval-require-gpu`` turns that skip into a failure.
 
 Run them on a GPU runner::
 

@@ -1,17 +1,23 @@
 """One example test per pipeline kind on real hub checkpoints: img2img, inpainting,
-InstructPix2Pix, Paint-by-Example, DiT and SDXL with a LoRA, each with its natural metric
-and a stored baseline.  Source images are the embedded digit data (upscaled) and shapes
+InstructPix2Pix, Paint-by-Example, DiT, SDXL with a LoRA and unconditional DDPM, each with
+its natural metric and a stored baseline.  Source images are the embedded digit data (upscaled) and shapes
 drawn with PIL, so nothing but the checkpoints is downloaded.
 
 They need a CUDA GPU and the weights (in the Hugging Face cache, or downloadable): on a
-machine without a GPU they skip with the reason, and ``--diffeval-require-gpu`` turns
-that skip into a failure.  On a GPU runner::
+machine without a GPU, or on a GPU machine without a model's weights, they skip with a
+reason that names what is missing and how to get it (``huggingface-cli download <id>``,
+``HF_HOME``, ``--diffeval-model=<id>=PATH``); ``--diffeval-require-gpu`` turns every such
+skip into a failure.  The DDPM test also needs the CIFAR-10 test images as a folder of
+PNGs (``DIFFEVAL_CIFAR10_DIR``).  On a GPU runner::
 
     pytest model_tests/test_hub_pipelines.py --diffeval-require-gpu --snapshot-update  # first time
     pytest model_tests/test_hub_pipelines.py --diffeval-require-gpu
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +141,30 @@ def test_sdxl_with_lora(diffusion_pipeline, generate, diffeval_baseline):
                       negative_prompt="blurry, photo")
     assert images.provenance["lora"]["scale"] == 0.8  # the LoRA and its content hash are in the baseline
     diffeval_baseline.assert_no_regression(images, "clip_score", clip_model=CLIP)
+
+
+@pytest.fixture
+def cifar10_test_images(request: pytest.FixtureRequest) -> str:
+    """The CIFAR-10 test split (10,000 PNGs) as a folder: the reference distribution of
+    ``google/ddpm-cifar10-32``.  Missing: a skip that says how to get it, a failure under
+    ``--diffeval-require-gpu``."""
+    folder = os.environ.get("DIFFEVAL_CIFAR10_DIR", "")
+    if folder and Path(folder).is_dir():
+        return folder
+    reason = ("needs the CIFAR-10 test images: set DIFFEVAL_CIFAR10_DIR to a folder of them as PNGs (e.g. exported "
+              "from `huggingface-cli download uoft-cs/cifar10 --repo-type dataset`, split 'test')")
+    if request.config.getoption("diffeval_require_gpu"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.mark.gpu
+def test_ddpm_cifar10_unconditional(cifar10_test_images, diffusion_pipeline, generate, diffeval_baseline):
+    # Unconditional: no prompts, the seeds are the samples.  DDIM (eta 0) at 100 steps
+    # instead of the 1000 DDPM steps; every sample still has its own generator.
+    pipe = diffusion_pipeline("google/ddpm-cifar10-32", scheduler="DDIMScheduler")
+    images = generate(pipe, None, seeds=range(2048), batch_size=512, num_inference_steps=100)
+    # KID (unbiased at this size, unlike FID) in Inception features against the real test
+    # images; its tolerance is at least twice the subset spread the baseline records.
+    diffeval_baseline.assert_no_regression(images, "kid", reference=cifar10_test_images,
+                                           features="inception-v3-2048")

@@ -462,6 +462,52 @@ def _per_prompt(value: Any, *, what: str, count: int) -> list[Any] | None:
     return values
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the pipeline's text encoder takes: its tail is cut."""
+
+
+def _token_count(tokenizer: Any, text: str) -> int | None:
+    try:
+        return len(tokenizer(text, truncation=False)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer we cannot call this way: no warning rather than no images
+        return None
+
+
+def warn_long_prompts(pipe: Any, prompts: Sequence[str], texts: dict[str, list[Any] | None]) -> list[str]:
+    """Warn once per prompt longer than the pipeline's text encoder takes
+    (``tokenizer.model_max_length`` tokens, start/end tokens included, 77 for CLIP), naming
+    the prompt, its length and the limit: diffusers cuts the tail off silently, so the
+    images do not show it.  SDXL's second encoder (``tokenizer_2``) reads ``prompt_2``
+    when given, else the prompt.  Return the prompts warned about."""
+    import warnings
+
+    pairs: list[tuple[str, Any, list[Any]]] = []
+    tokenizer, tokenizer_2 = getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)
+    if tokenizer is not None:
+        pairs.append(("tokenizer", tokenizer, [*prompts, *(texts.get("negative_prompt") or [])]))
+    if tokenizer_2 is not None:
+        second = texts.get("prompt_2") or prompts
+        negative = texts.get("negative_prompt_2") or texts.get("negative_prompt") or []
+        pairs.append(("tokenizer_2", tokenizer_2, [*second, *negative]))
+    long: dict[str, list[str]] = {}
+    for name, tok, items in pairs:
+        limit = getattr(tok, "model_max_length", None)
+        if not isinstance(limit, int) or limit <= 0 or limit > 100_000:  # unset: transformers' huge sentinel
+            continue
+        for text in dict.fromkeys(t for t in items if isinstance(t, str) and t):
+            count = _token_count(tok, text)
+            if count is not None and count > limit:
+                long.setdefault(text, []).append(f"{count} tokens > {name}'s limit of {limit}")
+    for text, reasons in long.items():
+        warnings.warn(
+            f"pytest-diffeval: prompt {text!r} is longer than {type(pipe).__name__}'s text encoder takes "
+            f"({'; '.join(reasons)}); the tail beyond the limit is cut off and does not reach the images. "
+            "Fix: shorten the prompt (or accept that its end is ignored).",
+            PromptTruncatedWarning, stacklevel=3,
+        )
+    return list(long)
+
+
 def generate_images(
     pipe: Any,
     prompts: Sequence[str | int] | str | None = None,
@@ -570,6 +616,11 @@ def generate_images(
         if bad:
             raise InputError(f"pytest-diffeval: labels must be str, got {bad[0]!r}")
     if prompts is None:  # no text prompt: label the cases
+        counts = {key: len(arrays) for key, arrays in loaded.items() if len(arrays) > 1}
+        if len(set(counts.values())) > 1:
+            raise InputError(f"pytest-diffeval: {pipe_name} got no prompts, so the cases come from the input images, "
+                             f"but they disagree: {', '.join(f'{k} holds {n}' for k, n in counts.items())}; give every "
+                             "input the same number of images (or one for all), or pass one label per case as prompts")
         count = max((len(v) for v in loaded.values()), default=1)
         prompts = [""] if unconditional or not loaded else [f"example {i}" for i in range(count)]
     if unconditional and len(prompts) != 1:
@@ -597,6 +648,8 @@ def generate_images(
         raise InputError(f"pytest-diffeval: the prompt {duplicate!r} appears twice; prompts identify samples (baselines "
                          "pair them by (prompt, seed)), so give each source its own prompt or label")
     texts = {name: _per_prompt(call_kwargs.get(name), what=name, count=n_cases) for name in _PER_PROMPT_TEXT}
+    if takes_prompt:
+        warn_long_prompts(pipe, prompts, texts)
     captions = {"source_captions": _per_prompt(source_captions, what="source_captions", count=n_cases),
                 "target_captions": _per_prompt(target_captions, what="target_captions", count=n_cases)}
     if class_conditional:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,22 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 class PipelineNotFoundError(FileNotFoundError):
     """A model source could not be found locally nor in the Hugging Face cache/hub."""
+
+
+class WeightsNotAvailableError(PipelineNotFoundError):
+    """A hub model (or hub LoRA) is neither in the local Hugging Face cache nor downloadable
+    here.  In a test marked ``gpu`` the plugin turns it into a skip whose reason names the
+    model and how to get it, and into a failure under ``--diffeval-require-gpu``."""
+
+    def __init__(self, message: str, model_id: str) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+
+    def how_to_get(self) -> str:
+        """One line: how to make these weights available to a run."""
+        return (f"fetch them with `huggingface-cli download {self.model_id}` (into the Hugging Face cache; "
+                "on another machine, then point HF_HOME at a copy of that cache), or point the test at a "
+                f"local copy with --diffeval-model={self.model_id}=PATH")
 
 
 def _known_pipeline_classes() -> dict[str, type]:
@@ -47,17 +64,24 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
     return "hub", None
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name" or "name", not a path
+
+
 def _missing_model_error(source: str, exc: BaseException) -> PipelineNotFoundError:
+    """Where a model was looked for and how to fix it; a hub id (not a path) that is not
+    here is :class:`WeightsNotAvailableError`, which ``gpu`` tests turn into a skip."""
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
-    return PipelineNotFoundError(
+    hub_id = _HUB_ID.match(source) is not None and ".." not in source
+    return (WeightsNotAvailableError if hub_id else PipelineNotFoundError)(
         f"pytest-diffeval: cannot load the diffusion model {source!r}.\n"
         f"  looked for a local directory: {Path(source).expanduser().resolve()} (not found)\n"
         f"  looked in the Hugging Face cache {HF_HUB_CACHE} and the hub "
         f"(HF_HUB_OFFLINE={int(bool(HF_HUB_OFFLINE))}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
         "  fix: pass the path of a local copy in diffusers layout (a folder with model_index.json), "
         "e.g. one made by `huggingface-cli download <id> --local-dir DIR` on a machine with access, "
-        "or set HF_HOME to a cache that holds it; embedded offline models: 'diffeval/tiny-t2i'."
+        "or set HF_HOME to a cache that holds it; embedded offline models: 'diffeval/tiny-t2i'.",
+        *([source] if hub_id else []),
     )
 
 
@@ -280,13 +304,15 @@ def apply_lora(pipe: Any, lora: str | os.PathLike, scale: float, *, weight_name:
         raise
     except Exception as exc:  # noqa: BLE001 - hub/network/format errors, re-raised with what was looked at
         looked = f"a local file or folder {local.resolve()} (not found)" if kind == "hub" else location
-        raise PipelineNotFoundError(
+        error = WeightsNotAvailableError if kind == "hub" and _hub_snapshot(text, None) is None else PipelineNotFoundError
+        raise error(
             f"pytest-diffeval: cannot load the LoRA {text!r} into {type(pipe).__name__}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n  looked at: {looked}"
             + (" and the Hugging Face cache/hub" if kind == "hub" else "") +
             "\n  fix: pass a .safetensors LoRA file in diffusers/peft or kohya format, a folder holding one "
             "(lora_weight_name= picks the file), or a hub id available offline; the LoRA must match the "
-            "model's architecture."
+            "model's architecture.",
+            *([text] if error is WeightsNotAvailableError else []),
         ) from exc
     pipe.fuse_lora(lora_scale=scale, adapter_names=["diffeval_lora"])
     pipe.unload_lora_weights()  # keeps the fused weights, removes the adapter layers

@@ -131,3 +131,26 @@ def test_image_cache_key_follows_model_content(pipe) -> None:
     assert key != cache.key({**provenance, "dtype": "torch.float16"}, {"num_inference_steps": 2}, "a", 0)
     assert key != cache.key(provenance, {"num_inference_steps": 2, "image": np.zeros((2, 2))}, "a", 0)
     assert cache.key({**provenance, "model_hash": None}, {}, "a", 0) is None  # unidentifiable: never cached
+
+
+def test_a_prompt_longer_than_the_text_encoder_takes_is_named_once_with_its_length(pipe) -> None:
+    import warnings
+
+    from pytest_diffeval.generation import PromptTruncatedWarning
+
+    long = "a red digit three on a blue background with a green border " * 2  # > 77 tokens of the tiny tokenizer
+    count = len(pipe.tokenizer(long)["input_ids"])  # the pipeline's own tokenizer counts
+    assert count > pipe.tokenizer.model_max_length == 77
+    with pytest.warns(PromptTruncatedWarning) as record:
+        cut = generate_images(pipe, [long, "a cat"], seeds=range(2), num_inference_steps=2)
+    messages = [str(w.message) for w in record if issubclass(w.category, PromptTruncatedWarning)]
+    assert len(messages) == 1  # once per prompt, not once per seed; the short prompt is not named
+    assert repr(long) in messages[0] and f"{count} tokens > tokenizer's limit of 77" in messages[0]
+    assert "tail beyond the limit is cut off" in messages[0]
+    # ...and the warning tells the truth: words past the limit change nothing
+    with pytest.warns(PromptTruncatedWarning):
+        longer = generate_images(pipe, [long + " and a yellow sun"], seeds=range(2), num_inference_steps=2)
+    assert np.array_equal(longer.images, cut.images[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncatedWarning)
+        generate_images(pipe, ["a cat"], num_inference_steps=2)  # within the limit: silent

@@ -66,3 +66,63 @@ def test_unknown_scheduler_and_dtype_are_clear_errors(tiny_models: dict[str, Pat
         load_pipeline(tiny_models["pipe"], scheduler="NoSuchScheduler")
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_pipeline(tiny_models["pipe"], dtype="float8")
+
+
+def test_missing_hub_weights_skip_a_gpu_test_with_how_to_get_them_and_fail_under_require_gpu(
+        pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU runner without the weights: the test skips naming the model and how to fetch
+    it, and --diffeval-require-gpu fails it instead.  "Has a GPU" is simulated by pointing
+    the device resolution at cuda (the model is missing, so nothing is moved there)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # the subprocess sees an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytester.makeconftest("""
+        import pytest_diffeval.settings as settings
+
+        settings.resolved_device = lambda: "cuda:0"  # pretend this machine has a GPU
+    """)
+    pytester.makepyfile(test_hub="""
+        import pytest
+
+        @pytest.mark.gpu
+        def test_by_id(generate):
+            generate("nobody/not-downloaded", ["a cat"])
+
+        @pytest.mark.gpu
+        def test_by_fixture(diffusion_pipeline):
+            diffusion_pipeline("nobody/not-downloaded")
+
+        def test_not_gpu_marked_still_fails(generate):
+            generate("nobody/not-downloaded", ["a cat"])
+    """)
+    skipped = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider")
+    skipped.assert_outcomes(skipped=2, failed=1)
+    skipped.stdout.fnmatch_lines([
+        "SKIPPED*needs the weights of 'nobody/not-downloaded', which are neither in the Hugging Face cache nor "
+        "downloadable here; fetch them with `huggingface-cli download nobody/not-downloaded`*HF_HOME*"
+        "--diffeval-model=nobody/not-downloaded=PATH*",
+    ])
+    assert "cannot load the diffusion model 'nobody/not-downloaded'" in skipped.stdout.str()  # the unmarked test
+    required = pytester.runpytest_subprocess("--diffeval-require-gpu", "-p", "no:cacheprovider")
+    required.assert_outcomes(failed=3)
+    required.stdout.fnmatch_lines(["*needs the weights of 'nobody/not-downloaded'*a failure, not a skip, under "
+                                   "--diffeval-require-gpu*"])
+
+
+def test_a_hub_lora_that_is_not_here_is_missing_weights_too(tiny_models: dict[str, Path], hub_cache: Path) -> None:
+    from pytest_diffeval import WeightsNotAvailableError
+
+    with pytest.raises(WeightsNotAvailableError, match="cannot load the LoRA 'nobody/no-lora'") as info:
+        load_pipeline(tiny_models["pipe"], lora="nobody/no-lora")
+    assert info.value.model_id == "nobody/no-lora" and "huggingface-cli download nobody/no-lora" in info.value.how_to_get()
+
+
+def test_a_missing_local_path_is_not_missing_hub_weights(tmp_path: Path, hub_cache: Path) -> None:
+    """Only a hub id can be "not downloaded yet"; a wrong path stays an error, even in a gpu test."""
+    from pytest_diffeval import WeightsNotAvailableError
+
+    with pytest.raises(PipelineNotFoundError) as info:
+        load_pipeline(tmp_path / "no-such-folder")
+    assert not isinstance(info.value, WeightsNotAvailableError)
+    with pytest.raises(WeightsNotAvailableError) as info:
+        load_pipeline("nobody/no-such-model")
+    assert info.value.model_id == "nobody/no-such-model"

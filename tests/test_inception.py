@@ -172,3 +172,38 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
     message = str(info.value)
     assert str(missing) in message and "--diffeval-inception-weights" in message
     assert "weights-inception-2015-12-05-6726825d.pth" in message
+
+
+def test_inception_score_default_classifier_runs_the_real_inception(weights: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inception_score`` with its default classifier: torchmetrics' own ``InceptionScore``
+    on torch-fidelity's network (weights loaded its own way, from the ``.pth``) gives the
+    same value, as does the formula ``exp(E KL(p(y|x) || p(y)))`` on that network's logits."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    from torchmetrics.image.inception import InceptionScore as TorchInceptionScore
+
+    monkeypatch.setattr(settings, "_current", dataclasses.replace(
+        settings.current(), inception_weights=str(weights["safetensors"]), result_cache=False,
+        cache_dir=tmp_path / "cache", device_request="cpu"))
+    arrays = image_arrays(4, 0)
+    images = ImageSet(images=arrays, prompts=["p"] * N_IMAGES, seeds=list(range(N_IMAGES)))
+    measured = compute_metric("inception_score", images)
+
+    network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                                 feature_extractor_weights_path=str(weights["pth"]), antialias=True)
+    reference = TorchInceptionScore(feature=network, splits=1, normalize=False)
+    batch = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    reference.update(batch)
+    reference.features = [torch.cat(reference.features).double()]
+    expected = float(reference.compute()[0])
+    with torch.no_grad():
+        logits = network(batch).double().numpy()
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    formula = float(np.exp((p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1).mean()))
+
+    assert 1.0 < expected <= N_IMAGES  # random weights still spread the images over classes
+    assert measured.value == pytest.approx(expected, rel=1e-6)
+    assert measured.value == pytest.approx(formula, rel=1e-6)
+    digest = hashlib.sha256(weights["safetensors"].read_bytes()).hexdigest()[:16]
+    assert measured.backbone == f"inception-v3-logits@sha256:{digest}"

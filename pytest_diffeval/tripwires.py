@@ -3,7 +3,7 @@ such images means anything: non-finite pipeline output, constant images (the saf
 checker's black replacement, a broken VAE) and identical images for different prompts
 (the prompt is ignored).  A black frame can out-score a bad image on CLIP, so these are
 not left to the metrics.  Every assertion helper runs them first (``tripwires=False``
-turns them off for a call)."""
+turns them off for a call).  Each problem says what to check to fix it."""
 
 from __future__ import annotations
 
@@ -11,36 +11,58 @@ from typing import Any
 
 import numpy as np
 
+FIX_NONFINITE = ("fix: run in float32 (--diffeval-dtype=float32) or keep the VAE in float32; "
+                 "if float32 overflows too, check the weights for inf/NaN or huge values")
+FIX_BLACK = ("fix: pass safety_checker=None to diffusion_pipeline() if the safety checker blanked them, "
+             "else check the VAE (its dtype, its scaling_factor)")
+FIX_CONSTANT = "fix: check the VAE decode and the output range (output_type, scaling_factor, clip)"
+FIX_IDENTICAL = ("fix: check that the text encoder's output reaches the UNet (encoder_hidden_states, "
+                 "cross_attention_dim) and that the tokenizer does not map the prompts to the same ids")
+TURN_OFF = "if the images are meant to look like this, pass tripwires=False to this one assertion"
+
 
 class TripwireError(AssertionError):
     """The images are broken in a way no metric should be asked to judge."""
 
 
+def _sample(images: Any, index: int) -> str:
+    return f"seed {images.seeds[index]} {images.prompts[index]!r}"
+
+
 def find_problems(images: Any, *, identical_tolerance: int = 0) -> list[str]:
-    """Human-readable problems of an ImageSet (empty when healthy)."""
+    """Human-readable problems of an ImageSet (empty when healthy), each with its fix."""
     problems = []
     flat = images.images.reshape(len(images), -1).astype(np.int16)
     nonfinite = [i for i, bad in enumerate(images.nonfinite or []) if bad]
     if nonfinite:
         problems.append(f"{len(nonfinite)} of {len(images)} images had NaN/inf in the pipeline's output "
-                        f"(e.g. fp16 overflow), first: seed {images.seeds[nonfinite[0]]} {images.prompts[nonfinite[0]]!r}")
+                        f"(e.g. fp16 overflow), first: {_sample(images, nonfinite[0])}; {FIX_NONFINITE}")
     constant = [i for i in range(len(images)) if flat[i].max() == flat[i].min()]
     if constant:
         level = int(flat[constant[0]][0])
         kind = "all black (safety checker replacement or broken VAE)" if level == 0 else f"constant (value {level})"
-        problems.append(f"{len(constant)} of {len(images)} images are {kind}, first: seed "
-                        f"{images.seeds[constant[0]]} {images.prompts[constant[0]]!r}")
+        fix = FIX_BLACK if level == 0 else FIX_CONSTANT
+        problems.append(f"{len(constant)} of {len(images)} images are {kind}, first: "
+                        f"{_sample(images, constant[0])}; {fix}")
+    identical = _identical_pair(images, flat, identical_tolerance)
+    if identical:
+        seed, a, b = identical
+        problems.append(f"different prompts gave identical images with seed {seed}: {images.prompts[a]!r} "
+                        f"and {images.prompts[b]!r} (is the text conditioning ignored?); {FIX_IDENTICAL}")
+    return problems
+
+
+def _identical_pair(images: Any, flat: np.ndarray, tolerance: int) -> tuple[int, int, int] | None:
+    """The first (seed, i, j) whose two different prompts gave the same picture."""
     by_seed: dict[int, list[int]] = {}
     for index, seed in enumerate(images.seeds):
         by_seed.setdefault(seed, []).append(index)
     for seed, indices in by_seed.items():
         for a_pos, a in enumerate(indices):
             for b in indices[a_pos + 1:]:
-                if images.prompts[a] != images.prompts[b] and np.abs(flat[a] - flat[b]).max() <= identical_tolerance:
-                    problems.append(f"different prompts gave identical images with seed {seed}: {images.prompts[a]!r} "
-                                    f"and {images.prompts[b]!r} (is the text conditioning ignored?)")
-                    return problems
-    return problems
+                if images.prompts[a] != images.prompts[b] and np.abs(flat[a] - flat[b]).max() <= tolerance:
+                    return seed, a, b
+    return None
 
 
 def check(images: Any) -> None:
@@ -52,5 +74,5 @@ def check(images: Any) -> None:
     if problems:
         from .assertions import fail
 
-        fail(images, "tripwire: " + "\n  tripwire: ".join(problems), error=TripwireError)
+        fail(images, "tripwire: " + "\n  tripwire: ".join(problems) + f"\n  ({TURN_OFF})", error=TripwireError)
     images._tripwires_passed = True

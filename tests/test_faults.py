@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import ast
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -70,14 +68,152 @@ def stored_values(path: Path) -> dict[tuple[str, str], float]:
     return values
 
 
+UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
+# Calls that unpickle unless told weights_only=True (torch.jit.load runs TorchScript: never allowed).
+NEEDS_WEIGHTS_ONLY = {"torch.load", "torch.serialization.load"}
+NEVER = {"torch.jit.load", "torch.jit._serialization.load", "pandas.read_pickle"}
+
+
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> the dotted name it stands for, from the module's imports."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases
+
+
+def _dotted(node: ast.AST, aliases: dict[str, str]) -> str | None:
+    """``torch.jit.load`` / ``L`` (from torch import load as L) -> the full dotted name."""
+    if isinstance(node, ast.Name):
+        return aliases.get(node.id, node.id)
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value, aliases)
+        return f"{base}.{node.attr}" if base else None
+    if isinstance(node, ast.Call) and _dotted(node.func, aliases) == "getattr" and len(node.args) >= 2 \
+            and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+        base = _dotted(node.args[0], aliases)  # getattr(torch, "load")
+        return f"{base}.{node.args[1].value}" if base else None
+    return None
+
+
+def _dynamic_import_target(node: ast.Call) -> str | None:
+    """The module an import_module()/__import__() call names, "?" when it cannot be known."""
+    if not node.args:
+        return "?"
+    name = node.args[0]
+    if isinstance(name, ast.Constant) and isinstance(name.value, str):
+        return name.value
+    if isinstance(name, ast.JoinedStr) and name.values:
+        first = name.values[0]
+        if isinstance(first, ast.Constant) and "." in first.value:
+            return first.value  # f"diffusers.pipelines.{x}": the top-level package is fixed
+        if isinstance(first, ast.FormattedValue) and isinstance(first.value, ast.Name) \
+                and first.value.id in {"__name__", "__package__"}:
+            return "pytest_diffeval"  # a submodule of this package
+    return "?"
+
+
+def unpickling_problems(source: str, filename: str = "<source>") -> list[str]:
+    """Everything in ``source`` that can unpickle (run code from) a file: imports of
+    pickle-based modules (also through importlib), torch.load without a literal
+    ``weights_only=True`` (under any alias), torch.jit.load, and ``allow_pickle=True``."""
+    tree = ast.parse(source, filename)
+    aliases = _aliases(tree)
+    problems: list[str] = []
+    safe_funcs: set[int] = set()
+
+    def flag(node: ast.AST, what: str) -> None:
+        problems.append(f"{filename}:{node.lineno}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in UNPICKLING_MODULES:
+                    flag(node, f"imports {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in UNPICKLING_MODULES:
+            flag(node, f"imports from {node.module}")
+        elif isinstance(node, ast.Call):
+            target = _dotted(node.func, aliases)
+            if target in {"importlib.import_module", "__import__"}:
+                module = _dynamic_import_target(node)
+                if module == "?" or module.split(".")[0] in UNPICKLING_MODULES:
+                    flag(node, f"imports {module!r} dynamically")
+            if any(k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                   for k in node.keywords):
+                flag(node, "passes allow_pickle")
+            weights_only = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                               for k in node.keywords)
+            if target in NEEDS_WEIGHTS_ONLY and weights_only:
+                safe_funcs.add(id(node.func))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Name, ast.Attribute, ast.Call)) and id(node) not in safe_funcs:
+            target = _dotted(node, aliases) if not isinstance(node, ast.Name) or isinstance(node.ctx, ast.Load) else None
+            if target in NEEDS_WEIGHTS_ONLY:
+                flag(node, f"{target} without weights_only=True")
+            elif target in NEVER or (target or "").split(".")[0] in UNPICKLING_MODULES:
+                flag(node, f"uses {target}")
+    return sorted(set(problems))
+
+
+@pytest.mark.parametrize("source", [
+    "import pickle",
+    "import pickle as p",
+    "from pickle import loads",
+    "import dill",
+    "import joblib\njoblib.load(p)",
+    "from cloudpickle import loads",
+    "import shelve",
+    "import marshal",
+    "import importlib\nimportlib.import_module('pickle').loads(b)",
+    "from importlib import import_module\nimport_module('dill')",
+    "__import__('joblib')",
+    "import importlib\nimportlib.import_module(name)",
+    "import torch\ntorch.load(p)",
+    "import torch\ntorch.load(p, weights_only=False)",
+    "import torch\ntorch.load(p, **kwargs)",
+    "import torch as T\nT.load(p)",
+    "from torch import load\nload(p)",
+    "from torch import load as L\nL(p)",
+    "from torch import load as L\nloader = L",
+    "import torch\nloader = torch.load\nloader(p, weights_only=True)",
+    "import torch\ngetattr(torch, 'load')(p)",
+    "import torch\ntorch.jit.load(p)",
+    "from torch import jit\njit.load(p)",
+    "from torch.jit import load\nload(p)",
+    "import torch.serialization\ntorch.serialization.load(p)",
+    "import numpy as np\nnp.load(p, allow_pickle=True)",
+    "import pandas as pd\npd.read_pickle(p)",
+])
+def test_unpickling_checker_catches(source: str) -> None:
+    assert unpickling_problems(source), source
+
+
+@pytest.mark.parametrize("source", [
+    "import torch\ntorch.load(p, map_location='cpu', weights_only=True)",
+    "from torch import load as L\nL(p, weights_only=True)",
+    "import numpy as np\nnp.load(p)",
+    "from safetensors.torch import load_file\nload_file(p)",
+    "import json\njson.load(f)",
+    "import importlib\nimportlib.import_module(f'diffusers.pipelines.{name}')",
+    "import importlib\nimportlib.import_module(f'{__name__}.{module}')",
+    "x = 'pickle files can run code'",
+])
+def test_unpickling_checker_allows(source: str) -> None:
+    assert unpickling_problems(source) == []
+
+
 def test_package_never_unpickles() -> None:
-    """No pickle, and no torch.load without weights_only=True, anywhere in the package."""
-    offenders = []
-    for file in PACKAGE.rglob("*.py"):
-        for number, line in enumerate(file.read_text().splitlines(), 1):
-            if re.search(r"\bpickle\.|\bimport pickle|allow_pickle=True", line) or \
-               ("torch.load(" in line and "weights_only=True" not in line):
-                offenders.append(f"{file.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    """No pickle-based module, no torch.load without weights_only=True, no torch.jit.load,
+    no allow_pickle anywhere in the package, found by parsing each file (not grepping lines)."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 20
+    offenders = [problem for file in files
+                 for problem in unpickling_problems(file.read_text(), str(file.relative_to(PACKAGE)))]
     assert offenders == []
 
 
@@ -96,6 +232,33 @@ def test_loading_never_asks_for_remote_code(tiny_models: dict[str, Path], monkey
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", classmethod(spy))
     load_pipeline(tiny_models["pipe"])
     assert seen["use_safetensors"] is True and "trust_remote_code" not in seen and "custom_pipeline" not in seen
+    seen.clear()
+    load_pipeline(tiny_models["pipe"], dtype="float32", scheduler="EulerDiscreteScheduler")
+    assert seen and "trust_remote_code" not in seen and "custom_pipeline" not in seen
+
+
+def test_an_explicit_trust_remote_code_request_is_passed_through(user_project: pytest.Pytester) -> None:
+    """Only the user may ask for remote code, through the fixture, and then they get it."""
+    user_project.makepyfile(test_remote="""
+        import diffusers
+        from conftest import PIPE
+
+        def test_request(diffusion_pipeline, monkeypatch):
+            calls = []
+            original = diffusers.StableDiffusionPipeline.from_pretrained.__func__
+
+            def spy(cls, *args, **kwargs):
+                calls.append(kwargs)
+                return original(cls, *args, **kwargs)
+
+            monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", classmethod(spy))
+            plain = diffusion_pipeline(PIPE)
+            trusted = diffusion_pipeline(PIPE, trust_remote_code=True)
+            assert len(calls) == 2 and trusted is not plain  # a separate cache entry
+            assert "trust_remote_code" not in calls[0]
+            assert calls[1]["trust_remote_code"] is True and calls[1]["use_safetensors"] is True
+    """)
+    user_project.runpytest_subprocess().assert_outcomes(passed=1)
 
 
 def test_pickle_weights_are_refused_with_the_fix(tiny_models: dict[str, Path], tmp_path: Path) -> None:

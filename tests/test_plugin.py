@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import re
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -40,17 +42,29 @@ def test_many_tests_one_model_load_per_worker(user_project: pytest.Pytester) -> 
     two.assert_outcomes(passed=6)
 
 
-def test_generated_images_are_deterministic_across_processes(user_project: pytest.Pytester) -> None:
+def test_generated_images_are_deterministic_across_processes(user_project: pytest.Pytester, tmp_path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes, each with its own empty image cache, so both really generate."""
     user_project.makepyfile(test_det="""
-        import hashlib
+        import os
+        import numpy as np
         from conftest import PIPE
 
-        def test_hash(generate):
+        def test_pixels(generate):
             images = generate(PIPE, ["a", "b"], seeds=range(2), num_inference_steps=2)
-            print("HASH", hashlib.sha256(images.images.tobytes()).hexdigest())
+            np.save(os.environ["PIXELS_OUT"], images.images)
     """)
-    hashes = [re.search(r"HASH (\w+)", user_project.runpytest_subprocess("-s").stdout.str()).group(1) for _ in range(2)]
-    assert hashes[0] == hashes[1]
+    pixels = []
+    for run in range(2):
+        out = tmp_path / f"pixels{run}.npy"
+        monkeypatch.setenv("PIXELS_OUT", str(out))
+        result = user_project.runpytest_subprocess("-v", f"--diffeval-cache-dir={tmp_path / f'cache{run}'}")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["diffeval images in this process: 4 generated, 0 from the cache *"])
+        pixels.append(np.load(out))
+    assert pixels[0].shape == (4, 32, 32, 3)
+    assert len({p.tobytes() for p in pixels[0]}) == 4  # four different images, not one repeated
+    np.testing.assert_array_equal(pixels[0], pixels[1])
 
 
 def test_gpu_marker_skips_with_a_reason_and_require_gpu_fails(pytester: pytest.Pytester) -> None:
@@ -67,6 +81,9 @@ def test_gpu_marker_skips_with_a_reason_and_require_gpu_fails(pytester: pytest.P
     required = pytester.runpytest_subprocess("--diffeval-require-gpu")
     assert required.ret != 0
     required.stderr.fnmatch_lines(["*--diffeval-require-gpu was given but no CUDA GPU is available*"])
+    message = required.stderr.str()
+    assert "fix: check `nvidia-smi`, CUDA_VISIBLE_DEVICES" in message
+    assert "torch.cuda.is_available()" in message and "run without --diffeval-require-gpu" in message
 
 
 def test_cuda_device_requested_without_cuda_is_a_usage_error(user_project: pytest.Pytester) -> None:
@@ -91,3 +108,75 @@ def test_model_override_points_tests_at_another_model(user_project: pytest.Pytes
     result = user_project.runpytest_subprocess("-s", f"--diffeval-model={missing}")
     result.assert_outcomes(failed=1)
     assert "cannot load the diffusion model" in result.stdout.str() and str(missing) in result.stdout.str()
+
+
+def add_ini_line(project: pytest.Pytester, line: str) -> None:
+    ini = project.path / "tox.ini"  # written by the user_project fixture
+    ini.write_text(ini.read_text().rstrip("\n") + f"\n{line}\n")
+
+
+def test_ini_baselines_dir_moves_the_baselines(user_project: pytest.Pytester) -> None:
+    add_ini_line(user_project, "diffeval_baselines_dir = review/stored")
+    user_project.makepyfile(test_where="""
+        from conftest import PIPE
+
+        def test_recorded(generate, diffeval_baseline):
+            images = generate(PIPE, ["a", "b"], num_inference_steps=2)
+            diffeval_baseline.assert_no_regression(images, "clip_score")
+            print("PATH", diffeval_baseline.path)
+    """)
+    recorded = user_project.runpytest_subprocess("-s", "--snapshot-update")
+    recorded.assert_outcomes(passed=1)
+    expected = user_project.path / "review" / "stored" / "test_where" / "test_recorded.json"
+    assert expected.is_file()
+    assert not (user_project.path / "baselines").exists()
+    recorded.stdout.fnmatch_lines([f"*PATH {expected}"])
+    compared = user_project.runpytest_subprocess()
+    compared.assert_outcomes(passed=1)
+
+
+FID_TEST = """
+from conftest import PIPE
+
+def test_fid(generate, diffeval_baseline):
+    images = generate(PIPE, ["a", "b"], seeds=range(3), num_inference_steps=2)
+    reference = generate(PIPE, ["a", "b"], seeds=range(3, 6), num_inference_steps=2)
+    diffeval_baseline.assert_no_regression(images, "fid", reference=reference)
+"""
+
+
+def fid_backbone(project: pytest.Pytester) -> str:
+    data = json.loads((project.path / "baselines" / "test_fid" / "test_fid.json").read_text())
+    [entry] = data["checks"]["fid"]["hardware"].values()
+    return entry["backbone"]
+
+
+def test_fid_features_follow_the_ini_value_and_the_option(user_project: pytest.Pytester,
+                                                          tiny_models: dict[str, Path]) -> None:
+    """The recorded FID backbone is the ini's ``diffeval_fid_features``; the command-line
+    option overrides it, and a baseline recorded with other features is not compared."""
+    add_ini_line(user_project, "diffeval_fid_features = clip:diffeval/tiny-clip")
+    user_project.makepyfile(test_fid=FID_TEST)
+    user_project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    assert fid_backbone(user_project).startswith("clip:diffeval/tiny-clip@")
+
+    option = f"--diffeval-fid-features=clip:{tiny_models['clip']}"
+    mismatch = user_project.runpytest_subprocess(option)
+    mismatch.assert_outcomes(failed=1)
+    mismatch.stdout.fnmatch_lines(["*was recorded under other conditions*", "*backbone*clip:diffeval/tiny-clip@*"])
+    user_project.runpytest_subprocess(option, "--snapshot-update").assert_outcomes(passed=1)
+    assert fid_backbone(user_project).startswith("clip:tiny-clip@")
+
+
+def test_batch_size_below_one_is_refused_even_when_cached(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(test_batch="""
+        import pytest
+        from conftest import PIPE
+
+        def test_batch(generate):
+            generate(PIPE, ["a"], num_inference_steps=1)  # now cached
+            with pytest.raises(ValueError, match="batch_size must be >= 1, got 0; fix: pass a positive"):
+                generate(PIPE, ["a"], num_inference_steps=1, batch_size=0)
+    """)
+    user_project.runpytest_subprocess().assert_outcomes(passed=1)
+    user_project.runpytest_subprocess("--diffeval-batch-size=0").assert_outcomes(failed=1)

@@ -237,6 +237,9 @@ def memory_image_cache() -> Any:
             if key is not None:
                 self.store[key] = (image, nonfinite)
 
+        def claim_path(self, key: str | None) -> None:
+            return None  # one process's memory: nothing to claim against (and no folder to write)
+
     return MemoryImageCache()
 
 

@@ -329,6 +329,7 @@ def test_an_idle_worker_helps_generate_another_workers_planned_samples(user_proj
     serial.assert_outcomes(passed=2)
     calls(project)
     expected = (project.path / "hashes-big.txt").read_text()
+    assert not [p for p in project.path.rglob("*") if "memory" in p.name]  # no cache: no claim folder either
 
     result = project.runpytest_subprocess("-n", "2", "-v")
     result.assert_outcomes(passed=2)

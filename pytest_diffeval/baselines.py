@@ -3,9 +3,13 @@
 ``baselines/<test file path>/<test name>.json`` holds one entry per metric the test
 checks: per-sample values (one per ``(prompt, seed)``), the value, the backbone and the
 run's signature and provenance.  Syrupy drives the workflow: ``pytest --snapshot-update``
-records or refreshes entries and reports (and with the flag deletes) unused ones.  Each
-test owns its file, and every write replaces the file atomically, so parallel workers
-(``-n``) never lose entries and a killed run leaves the old or the new file, never half.
+records or refreshes entries and reports (and with the flag deletes) unused ones,
+including those of a deleted or renamed test file.  Each test owns its file (a test name
+that must be cleaned to be a file name gets a hash of the original, and the file stores
+its test id, checked on read), and every write replaces the file atomically, so parallel
+workers (``-n``) never lose entries and a killed run leaves the old or the new file,
+never half.  Drift's statistics beside it are content-addressed for the same reason.
+Malformed, non-finite or newer-format data is a :class:`BaselineError`, never a verdict.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +36,32 @@ from . import settings
 from .metrics import MetricResult, compute_metric, get_metric
 from .verdicts import Comparison, compare_paired, compare_values
 
-FORMAT_VERSION = 1
+# 1: drift statistics beside the JSON as ``<test>.<metric>.<hw>.safetensors`` (still read).
+# 2: statistics content-addressed (``<test>.<metric>.<hw>.<sha16>.safetensors``) and named in the
+#    entry's ``details.statistics_file``; the file records ``test_file`` (the test module,
+#    relative to the baselines folder) so baselines of a deleted test file are found.
+FORMAT_VERSION = 2
 SPREAD_FACTOR = 2.0
 NOISE_FACTOR = 3.0
 # Benign perturbations for --diffeval-calibrate, cycled: none of them changes the model.
 PERTURBATIONS = ({"threads": 1}, {"batch_size": 1}, {"threads": 2}, {"batch_size": 64})
+STALE_TMP_SECONDS = 3600  # a temp file this old (or whose writer is dead) was left by a killed run
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SHA = re.compile(r"^[0-9a-f]{16}$")
+_CAPABILITY = re.compile(r"\(sm(\d{2,3})\)")
 
 
 class BaselineError(AssertionError):
     """A baseline that is missing, unreadable or recorded under other conditions.
     Always a failure: never a skip, never a silent comparison."""
+
+
+class BaselineFormatError(ValueError):
+    """A baseline file that cannot be parsed; ``newer`` when a newer pytest-diffeval wrote it."""
+
+    def __init__(self, reason: str, *, newer: bool = False) -> None:
+        super().__init__(reason)
+        self.newer = newer
 
 
 @dataclass
@@ -87,11 +109,28 @@ def build_record(result: MetricResult, images: Any, options: dict[str, Any]) -> 
     return record
 
 
-def state_path(baseline_file: Path, metric: str, key: str) -> Path:
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-").lower()
+
+
+def state_path(baseline_file: Path, metric: str, key: str, sha: str | None = None) -> Path:
     """Where a metric's stored state (drift's feature statistics) lives: beside the baseline
-    JSON, one safetensors file per metric and hardware, e.g. ``test_x.drift.cpu-float32.safetensors``."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-").lower()
-    return baseline_file.with_name(f"{baseline_file.stem}.{metric}.{slug}.safetensors")
+    JSON, one safetensors file per metric and hardware.  Named by its content
+    (``test_x.drift.cpu-float32.<sha16>.safetensors``) so a new file never overwrites the one
+    the current JSON names; without ``sha`` the format-1 name (``test_x.drift.cpu-float32.safetensors``)."""
+    middle = f".{sha}" if sha else ""
+    return baseline_file.with_name(f"{baseline_file.stem}.{metric}.{_slug(key)}{middle}.safetensors")
+
+
+def _sidecar_pattern(stem: str, metric: str) -> re.Pattern[str]:
+    """Every statistics file of ``metric`` of one baseline, old-style or content-addressed."""
+    return re.compile(rf"^{re.escape(stem)}\.{re.escape(metric)}\.[a-z0-9-]+(\.[0-9a-f]{{16}})?\.safetensors$")
+
+
+def _plain_sidecar_name(name: Any) -> bool:
+    """A statistics file name the JSON may name: a file beside it, never a path elsewhere."""
+    return (isinstance(name, str) and name.endswith(".safetensors") and not name.startswith(".")
+            and "/" not in name and "\\" not in name and name == Path(name).name)
 
 
 def per_sample_map(record: dict[str, Any]) -> dict[str, float]:
@@ -111,34 +150,233 @@ def signature_differences(stored: dict[str, Any], current: dict[str, Any]) -> li
     return out
 
 
-# --------------------------------------------------------------------------- syrupy
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def entry_problem(metric: str, key: str, entry: Any) -> str | None:
+    """What is wrong with one stored entry (naming the field and its value), or None.  A
+    non-finite number is corrupt data: ``nan`` compares false with everything, so it would
+    otherwise let any run pass."""
+    where = f"checks.{metric}.hardware[{key!r}]"
+    if not isinstance(entry, dict):
+        return f"the entry {where} is {_short(entry)}, expected an object"
+    if "value" not in entry or "signature" not in entry:
+        return f"the entry {where} for {metric!r} lacks 'value' or 'signature'"
+    if not _finite_number(entry["value"]):
+        return f"{where}.value is {_short(entry['value'])}, expected a finite number"
+    if not isinstance(entry["signature"], dict):
+        return f"{where}.signature is {_short(entry['signature'])}, expected an object"
+    samples = entry.get("samples", [])
+    if not isinstance(samples, list):
+        return f"{where}.samples is {_short(samples)}, expected a list"
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, dict) or not isinstance(sample.get("prompt"), str) \
+                or not isinstance(sample.get("seed"), int) or isinstance(sample.get("seed"), bool):
+            return f"{where}.samples[{i}] is {_short(sample)}, expected {{'prompt': str, 'seed': int, 'value': number}}"
+        if not _finite_number(sample.get("value")):
+            return f"{where}.samples[{i}].value is {_short(sample.get('value'))}, expected a finite number"
+    for field_name, names in (("details", ("spread", "seed_noise")), ("noise", ("max_abs_effect",))):
+        block = entry.get(field_name, {})
+        if not isinstance(block, dict):
+            return f"{where}.{field_name} is {_short(block)}, expected an object"
+        for name in names:
+            if name in block and not (_finite_number(block[name]) and block[name] >= 0):
+                return f"{where}.{field_name}.{name} is {_short(block[name])}, expected a finite number >= 0"
+    stats_file = entry.get("details", {}).get("statistics_file")
+    if stats_file is not None and not _plain_sidecar_name(stats_file):
+        return (f"{where}.details.statistics_file is {_short(stats_file)}, expected the name of a .safetensors "
+                "file beside the baseline (a path elsewhere is refused)")
+    return None
+
+
+# --------------------------------------------------------------------------- files
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_baseline_file(path: Path) -> dict[str, Any]:
-    """Parse and validate one baseline file; raise ``ValueError`` saying what is wrong."""
+    """Parse and validate one baseline file; raise :class:`BaselineFormatError` (a
+    ``ValueError``) saying what is wrong."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
+        raise BaselineFormatError(f"not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise BaselineFormatError(f"not UTF-8 text ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("checks"), dict):
-        raise ValueError("not a pytest-diffeval baseline (no 'checks' object)")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+        raise BaselineFormatError("not a pytest-diffeval baseline (no 'checks' object)")
+    if "format_version" not in data:
+        raise BaselineFormatError(f"it has no 'format_version' (this pytest-diffeval writes {FORMAT_VERSION})")
+    version = data["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BaselineFormatError(f"format_version {_short(version)} is not a version pytest-diffeval writes "
+                                  f"(a positive integer; this version writes {FORMAT_VERSION})")
+    if version > FORMAT_VERSION:
+        raise BaselineFormatError(
             f"format_version {version!r} is newer than this pytest-diffeval understands ({FORMAT_VERSION}); "
-            "upgrade pytest-diffeval"
-        )
+            "upgrade pytest-diffeval", newer=True)
     return data
+
+
+def _test_name(test_id: str) -> str:
+    """The part of a node id after the file (``test_x[a/b]``, ``TestC::test_y``)."""
+    return test_id.split("::", 1)[-1]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_tmp(baseline_file: Path) -> list[Path]:
+    """Delete this baseline's temp files left by killed runs: those whose writer (the pid in
+    the name) is gone, or older than :data:`STALE_TMP_SECONDS`."""
+    removed = []
+    prefix = baseline_file.stem + "."
+    for tmp in baseline_file.parent.glob(".*.tmp"):
+        if not tmp.name.lstrip(".").startswith(prefix):
+            continue
+        match = re.search(r"\.(\d+)(?:\.\d+)?\.tmp$", tmp.name)
+        try:
+            old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+        except OSError:
+            continue
+        if old or (match and not _pid_alive(int(match.group(1)))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _referenced_sidecars(baseline_file: Path, data: dict[str, Any]) -> set[str]:
+    """Names of the statistics files the baseline's entries use (format 2 names them, a
+    format-1 entry uses its hardware's old-style name)."""
+    names = set()
+    for metric, check in data.get("checks", {}).items():
+        entries = hardware_entries(check) if isinstance(check, dict) else {}
+        for key, entry in entries.items():
+            details = entry.get("details") if isinstance(entry, dict) else None
+            if not isinstance(details, dict) or "statistics_sha256" not in details:
+                continue
+            name = details.get("statistics_file")
+            names.add(name if isinstance(name, str) else state_path(baseline_file, metric, key).name)
+    return names
+
+
+def remove_stale_sidecars(baseline_file: Path, data: dict[str, Any] | None, metrics: set[str]) -> None:
+    """After the JSON was replaced: delete statistics files of ``metrics`` it no longer names."""
+    keep = _referenced_sidecars(baseline_file, data) if data else set()
+    patterns = [_sidecar_pattern(baseline_file.stem, m) for m in metrics]
+    for candidate in baseline_file.parent.glob(f"{glob.escape(baseline_file.stem)}.*.safetensors"):
+        if candidate.name not in keep and any(p.match(candidate.name) for p in patterns):
+            candidate.unlink(missing_ok=True)
+
+
+def _canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys.  safetensors writes its
+    metadata from a Rust HashMap, in an order that changes from process to process, so the
+    same statistics would otherwise get a new content-addressed name on every re-record."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # tensor data stays 8-byte aligned, as safetensors writes it
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size :])
+
+
+def write_statistics(baseline_file: Path, metric: str, key: str, state: dict[str, Any]) -> tuple[Path, str]:
+    """Write a metric's state under its content-addressed name (never over the file the
+    current JSON names) and return ``(path, sha16)``."""
+    from .metrics.drift import file_sha256, save_statistics
+
+    staging = baseline_file.with_name(f".{baseline_file.stem}.{metric}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        save_statistics(state, staging)
+        _canonical_safetensors(staging)
+        sha = file_sha256(staging)
+        target = state_path(baseline_file, metric, key, sha)
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target, sha
+
+
+def statistics_file_for(baseline_file: Path, metric: str, key: str) -> Path | None:
+    """The statistics file the stored entry that best matches ``key`` uses, or None."""
+    try:
+        data = read_baseline_file(baseline_file)
+    except (ValueError, OSError):
+        return None
+    check = data["checks"].get(metric)
+    chosen, entry = select_entry(check, key) if isinstance(check, dict) else (None, None)
+    details = entry.get("details") if isinstance(entry, dict) else None
+    if chosen is None or not isinstance(details, dict):
+        return None
+    name = details.get("statistics_file")
+    if name is None:
+        return state_path(baseline_file, metric, chosen)  # format 1
+    return baseline_file.with_name(name) if _plain_sidecar_name(name) else None
+
+
+_DISCOVERY_CACHE: dict[tuple[str, int, int], tuple[str | None, list[str]] | None] = {}
+
+
+def _discovery_info(path: Path) -> tuple[str | None, list[str]] | None:
+    """``(test_file, metrics)`` of a baseline file, parsed once per version of the file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    cache_key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if cache_key not in _DISCOVERY_CACHE:
+        try:
+            data = read_baseline_file(path)
+            test_file = data.get("test_file")
+            _DISCOVERY_CACHE[cache_key] = (test_file if isinstance(test_file, str) else None, list(data["checks"]))
+        except (ValueError, OSError):
+            _DISCOVERY_CACHE[cache_key] = None
+    return _DISCOVERY_CACHE[cache_key]
+
+
+def orphaned_baselines(root: Path) -> list[Path]:
+    """Baseline files under ``root`` whose test module no longer exists (deleted or renamed).
+    Only files that record their ``test_file`` qualify: a format-1 file cannot say which
+    module owns it, and a baselines folder shared by two suites must not lose the other's."""
+    orphans = []
+    if not root.is_dir():
+        return orphans
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith("."):
+            continue
+        info = _discovery_info(path)
+        if info and info[0] and info[1] and not (root / info[0]).exists():
+            orphans.append(path)
+    return orphans
+
+
+# --------------------------------------------------------------------------- syrupy
 
 
 class DiffevalBaselineExtension(AbstractSyrupyExtension):
@@ -149,12 +387,14 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
     write_immediately = True
     root: Path = Path("baselines")  # set by the plugin from ini ``diffeval_baselines_dir``
     rootdir: Path = Path.cwd()  # the pytest rootdir, to mirror test paths under ``root``
+    failed_tests: set[str] = set()  # set by the plugin: their unused baselines are kept, not deleted
 
     def __init__(self) -> None:
         super().__init__()
         self.last_outcome: Any = None
         self.tolerance: float | None = None
         self.updating = False
+        self.test_id: str | None = None
 
     # ---- storage: where
     @classmethod
@@ -171,9 +411,14 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
 
     @staticmethod
     def _clean(name: str) -> str:
+        """A file-name-safe form of a test name.  When cleaning changes the name (``a/b`` and
+        ``ab`` both clean to ``ab``), a short hash of the original is appended so two tests
+        never share a file; the file also stores its test id, checked on every read."""
         cleaned = "".join(c for c in name if c not in '\\/?*:|"<>' and c.isprintable())
         cleaned = cleaned.lstrip(".") or "_"
-        return cleaned[:200]
+        if cleaned != name or len(cleaned) > 200:
+            cleaned = f"{cleaned[:190]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        return cleaned
 
     @classmethod
     def get_file_basename(cls, *, test_location: Any, index: Any) -> str:
@@ -183,27 +428,37 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
     def get_snapshot_name(cls, *, test_location: Any, index: Any = 0) -> str:
         return f"{cls._clean(test_location.snapshot_name)}[{index}]"
 
+    @classmethod
+    def matches_test_location(cls, *, test_location: Any, snapshot_location: str) -> bool:
+        """A test owns exactly the file :meth:`get_location` gives it (hashed names included)."""
+        try:
+            return Path(snapshot_location) == Path(cls.get_location(test_location=test_location, index=0))
+        except BaselineError:
+            return False
+
     def discover_snapshots(self, *, test_location: Any, ignore_extensions: list[str] | None = None) -> SnapshotCollections:
-        """Only this test module's ``*.json`` files are baselines (safetensors beside them are not)."""
+        """This test module's ``*.json`` files, plus those anywhere under the baselines root
+        whose test module was deleted or renamed (syrupy's advice for extensions that keep
+        one folder per test file: scan the shared root, so orphans are reported and
+        ``--snapshot-update`` removes them).  ``discovery_dirname`` stays per module: a file
+        of a module that exists but was not collected (``--ignore``, another suite sharing
+        the folder) is never claimed, so never deleted."""
         discovered = SnapshotCollections()
         directory = Path(self.dirname(test_location=test_location))
-        if directory.is_dir():
-            for path in sorted(directory.glob("*.json")):
-                collection = self.read_snapshot_collection(snapshot_location=str(path))
-                if collection.has_snapshots:
-                    discovered.add(collection)
+        own = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        others = [p for p in orphaned_baselines(self.root.resolve()) if p.parent != directory]
+        for path in own + others:
+            collection = self.read_snapshot_collection(snapshot_location=str(path))
+            if collection.has_snapshots:
+                discovered.add(collection)
         return discovered
 
     # ---- storage: read
     def read_snapshot_collection(self, *, snapshot_location: str) -> SnapshotCollection:
         collection = SnapshotCollection(location=snapshot_location)
-        stem = Path(snapshot_location).stem
-        try:
-            data = read_baseline_file(Path(snapshot_location))
-        except (ValueError, OSError):
-            return collection
-        for metric in data["checks"]:
-            collection.add(Snapshot(name=f"{stem}[{metric}]"))
+        info = _discovery_info(Path(snapshot_location))
+        for metric in info[1] if info else []:
+            collection.add(Snapshot(name=f"{Path(snapshot_location).stem}[{metric}]"))
         return collection
 
     def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str, session_id: str) -> Any:
@@ -214,35 +469,60 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
             data = read_baseline_file(path)
         except (ValueError, OSError) as exc:
             return Corrupt(str(path), str(exc))
+        stored_test = data.get("test")
+        if self.test_id and isinstance(stored_test, str) and _test_name(stored_test) != _test_name(self.test_id):
+            return Corrupt(str(path), f"it was recorded for test {stored_test!r}, not for this test {self.test_id!r} "
+                                      "(two test ids that clean to one file name?)")
         metric = snapshot_name[len(path.stem) + 1 : -1]
         return data["checks"].get(metric)
 
     # ---- storage: write (atomic, merging the other metrics of the same test)
     @classmethod
     def write_snapshot_collection(cls, *, snapshot_collection: SnapshotCollection, name_order: Any = None) -> None:
+        """Crash-safe: new statistics files first (under new names), then the JSON atomically,
+        then the statistics files it no longer names.  A run killed anywhere leaves the old
+        or the new baseline, each with its statistics."""
         path = Path(snapshot_collection.location)
-        try:
-            data = read_baseline_file(path) if path.exists() else None
-        except (ValueError, OSError):
-            data = None  # a corrupt file is replaced by the update the user asked for
+        records = [dict(snapshot.data) for snapshot in snapshot_collection]
+        test = next((r["_test"] for r in records if r.get("_test")), None)
+        data = None
+        if path.exists():
+            try:
+                data = read_baseline_file(path)
+            except BaselineFormatError as exc:
+                if exc.newer:
+                    raise BaselineError(refuse_newer_message(path, exc)) from None
+            except (ValueError, OSError):
+                pass  # a corrupt file is replaced by the update the user asked for
+        if data and test and isinstance(data.get("test"), str) and _test_name(data["test"]) != _test_name(test):
+            data = None  # another test's file (a name collision of an older version): replaced, not merged
         data = data or {"format_version": FORMAT_VERSION, "checks": {}}
         data["format_version"] = FORMAT_VERSION
-        for snapshot in snapshot_collection:
-            record = dict(snapshot.data)
+        for record in records:
             data["test"] = record.pop("_test", data.get("test"))
+            test_file = record.pop("_test_file", None)
+            if test_file:
+                data["test_file"] = test_file
             state = record.pop("_state", None)
+            key = hardware_key(record.get("provenance", {}))
             if state is not None:  # drift: this run's statistics become the baseline's, so its distance is 0
-                from .metrics.drift import save_statistics
-
-                target = state_path(path, record["metric"], hardware_key(record.get("provenance", {})))
-                record["details"] = {**record.get("details", {}), "statistics_sha256": save_statistics(state, target)}
+                target, sha = write_statistics(path, record["metric"], key, state)
+                record["details"] = {**record.get("details", {}), "statistics_sha256": sha,
+                                     "statistics_file": target.name}
                 record["value"] = 0.0
             check = data["checks"].get(record["metric"])
             entries = hardware_entries(check) if isinstance(check, dict) else {}
-            entries[hardware_key(record.get("provenance", {}))] = record
+            entries[key] = record
             data["checks"][record["metric"]] = {"hardware": dict(sorted(entries.items()))}
         data["checks"] = dict(sorted(data["checks"].items()))
-        _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+        try:
+            text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+        except ValueError:
+            raise BaselineError(f"pytest-diffeval: refusing to write {path}: it would hold NaN or infinity, "
+                                "which no comparison can use; fix the run's non-finite values first") from None
+        _atomic_write_text(path, text)
+        remove_stale_sidecars(path, data, set(data["checks"]))
+        remove_stale_tmp(path)
 
     def delete_snapshots(self, *, snapshot_location: str, snapshot_names: set[str]) -> None:
         path = Path(snapshot_location)
@@ -250,15 +530,22 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
             data = read_baseline_file(path)
         except (ValueError, OSError):
             return
-        for name in snapshot_names:
-            metric = name[len(path.stem) + 1 : -1]
+        if data.get("test") in self.failed_tests:
+            return  # a test that failed before its check (a tripwire, an exception) keeps its baseline
+        metrics = {name[len(path.stem) + 1 : -1] for name in snapshot_names}
+        for metric in metrics:
             data["checks"].pop(metric, None)
-            for stale in path.parent.glob(f"{glob.escape(path.stem)}.{glob.escape(metric)}.*.safetensors"):
-                stale.unlink(missing_ok=True)
         if data["checks"]:
             _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
         else:
             path.unlink(missing_ok=True)
+        remove_stale_sidecars(path, data if data["checks"] else None, metrics)
+        remove_stale_tmp(path)
+        if path.parent.resolve() != self.root.resolve():
+            try:
+                path.parent.rmdir()  # the folder of a deleted test file, now empty
+            except OSError:
+                pass
 
     # ---- serialise / compare
     def serialize(self, data: Any, **kwargs: Any) -> Any:
@@ -266,11 +553,35 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
 
     def matches(self, *, serialized_data: Any, snapshot_data: Any) -> bool:
         """Within tolerance.  An improvement beyond it passes a normal run but is rewritten
-        by ``--snapshot-update``, so the baseline ratchets up with the model."""
-        self.last_outcome = outcome = judge(serialized_data, snapshot_data, self.tolerance)
+        by ``--snapshot-update``, so the baseline ratchets up with the model.  Under
+        ``--snapshot-update`` an entry is also rewritten when this run calibrated its noise
+        (the noise must be stored) or its statistics file has a format-1 name (migrated)."""
+        try:
+            outcome = judge(serialized_data, snapshot_data, self.tolerance)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            outcome = Corrupt("", f"its entry cannot be compared ({type(exc).__name__}: {exc})")
+        self.last_outcome = outcome
         if not isinstance(outcome, Comparison):
             return False
+        if self.updating and (serialized_data.get("noise") is not None
+                              or _needs_migration(serialized_data, snapshot_data)):
+            return False
         return outcome.verdict == "pass" or (outcome.verdict == "improved" and not self.updating)
+
+
+def refuse_newer_message(path: Path, exc: Exception) -> str:
+    return (f"pytest-diffeval: {path}: {exc}.\n  --snapshot-update will not overwrite it: this version would drop "
+            "the entries it cannot read.\n  fix: upgrade pytest-diffeval (or, to discard it, delete the file and "
+            "re-record)")
+
+
+def _needs_migration(record: dict[str, Any], check: Any) -> bool:
+    """A drift entry whose statistics file still has its format-1 name."""
+    if "_state" not in record or not isinstance(check, dict):
+        return False
+    _, entry = select_entry(check, hardware_key(record.get("provenance", {})))
+    details = entry.get("details") if isinstance(entry, dict) else None
+    return isinstance(details, dict) and "statistics_file" not in details
 
 
 def hardware_key(provenance: dict[str, Any]) -> str:
@@ -288,20 +599,47 @@ def hardware_entries(check: dict[str, Any]) -> dict[str, Any]:
     return {hardware_key(check.get("provenance", {})): check} if "value" in check else {}
 
 
+def _split_key(key: str) -> tuple[str, str, str]:
+    """``(device type, device kind, dtype)`` of a hardware key."""
+    parts = key.split("/")
+    return parts[0], "/".join(parts[1:-1]) or parts[0], parts[-1]
+
+
+def compute_capability(kind: str) -> tuple[int, int] | None:
+    """``(major, minor)`` from a device kind like ``"NVIDIA H100 (sm90)"`` (``sm{major}{minor}``,
+    the minor is one digit: ``sm100`` is 10.0), or None."""
+    match = _CAPABILITY.search(kind)
+    if not match:
+        return None
+    digits = match.group(1)
+    return int(digits[:-1]), int(digits[-1])
+
+
 def select_entry(check: dict[str, Any], key: str) -> tuple[str | None, Any]:
     """The stored entry that best matches this run's hardware, like diffusers'
-    ``Expectations``: the same device and dtype; else the same device type and dtype
-    (another GPU model); else the same device type.  A CPU run never uses a GPU entry."""
+    ``Expectations``.  Only entries of the same device type qualify (a CPU run never uses a
+    GPU entry); among them, in order: the same dtype, the same device kind, the same major
+    compute capability, the nearest capability, then the first key alphabetically.  So an
+    H200 (sm90) fp16 run uses the H100 (sm90) fp16 entry, not the A100 (sm80) one."""
     entries = hardware_entries(check)
     if key in entries:
         return key, entries[key]
-    device_type, dtype = key.split("/")[0], key.split("/")[-1]
-    for wanted in (lambda k: k.split("/")[0] == device_type and k.split("/")[-1] == dtype,
-                   lambda k: k.split("/")[0] == device_type):
-        matches = sorted(k for k in entries if wanted(k))
-        if matches:
-            return matches[0], entries[matches[0]]
-    return None, None
+    device_type, kind, dtype = _split_key(key)
+    capability = compute_capability(kind)
+
+    def rank(candidate: str) -> tuple[Any, ...]:
+        _, other_kind, other_dtype = _split_key(candidate)
+        other = compute_capability(other_kind)
+        known = capability is not None and other is not None
+        distance = abs((other[0] * 10 + other[1]) - (capability[0] * 10 + capability[1])) if known else math.inf
+        return (other_dtype != dtype, other_kind != kind, not (known and other[0] == capability[0]), distance,
+                candidate)
+
+    candidates = [k for k in entries if _split_key(k)[0] == device_type]
+    if not candidates:
+        return None, None
+    best = min(candidates, key=rank)
+    return best, entries[best]
 
 
 @dataclass
@@ -312,46 +650,67 @@ class NoEntry:
     available: list[str]
 
 
+def derive_tolerance(metric: Any, entry: dict[str, Any], tolerance: float | None) -> tuple[float, str]:
+    """The tolerance a comparison uses and where it came from: the test's explicit value, else
+    the largest of the metric's floor, drift's seed noise, ``NOISE_FACTOR`` x the calibrated
+    noise and ``SPREAD_FACTOR`` x a set-level metric's resampling spread."""
+    if tolerance is not None:
+        return float(tolerance), "explicit (tolerance= in the test)"
+    details, noise = entry.get("details", {}), entry.get("noise", {})
+    candidates = [(metric.default_tolerance(float(entry["value"])), "the metric's floor")]
+    if details.get("seed_noise") is not None:
+        # Drift: what re-drawing the seeds alone would cause (metrics/drift.py derives it).
+        candidates.append((float(details["seed_noise"]), "the seed noise of its statistics"))
+    if noise.get("max_abs_effect") is not None:
+        # Calibrated: NOISE_FACTOR times the largest change benign re-runs caused.
+        candidates.append((NOISE_FACTOR * float(noise["max_abs_effect"]),
+                           f"{NOISE_FACTOR:g} x the calibrated noise {float(noise['max_abs_effect']):.4g}"))
+    if details.get("spread") is not None:
+        # Set-level metrics: twice the baseline's resampling spread (about 95% of the
+        # movement other images of the same model would cause).
+        candidates.append((SPREAD_FACTOR * float(details["spread"]),
+                           f"{SPREAD_FACTOR:g} x the resampling spread {float(details['spread']):.4g}"))
+    return max(candidates, key=lambda c: c[0])  # ties keep the earlier (the floor)
+
+
 def judge(record: dict[str, Any], stored: Any, tolerance: float | None) -> Any:
-    """A :class:`Comparison`, or a :class:`Corrupt` / :class:`NoEntry` / list of signature differences."""
+    """A :class:`Comparison`, or a :class:`Corrupt` / :class:`NoEntry` / list of signature
+    differences.  Malformed or non-finite stored data is :class:`Corrupt`, never compared."""
     if isinstance(stored, Corrupt):
         return stored
-    if isinstance(stored, dict):
-        key = hardware_key(record.get("provenance", {}))
-        chosen, entry = select_entry(stored, key)
-        if chosen is None:
-            return NoEntry(key, sorted(hardware_entries(stored)))
-        stored = entry
-    if not isinstance(stored, dict) or "value" not in stored or "signature" not in stored:
-        return Corrupt("", f"the entry for {record['metric']!r} lacks 'value' or 'signature'")
-    differences = signature_differences(stored["signature"], record["signature"])
+    metric_name = record["metric"]
+    if not isinstance(stored, dict):
+        return Corrupt("", f"checks.{metric_name} is {_short(stored)}, expected an object")
+    if "hardware" in stored and not isinstance(stored["hardware"], dict):
+        return Corrupt("", f"checks.{metric_name}.hardware is {_short(stored['hardware'])}, expected an object")
+    if "hardware" not in stored and "value" not in stored:
+        return Corrupt("", f"the entry for {metric_name!r} lacks 'value' or 'signature'")
+    key = hardware_key(record.get("provenance", {}))
+    chosen, entry = select_entry(stored, key)
+    if chosen is None:
+        return NoEntry(key, sorted(hardware_entries(stored)))
+    problem = entry_problem(metric_name, chosen, entry)
+    if problem:
+        return Corrupt("", problem)
+    differences = signature_differences(entry["signature"], record["signature"])
     if differences:
         return differences
-    stored_sha = stored.get("details", {}).get("statistics_sha256")
+    stored_sha = entry.get("details", {}).get("statistics_sha256")
     if stored_sha is not None and record.get("details", {}).get("statistics_sha256") != stored_sha:
-        return Corrupt("", f"the {record['metric']} statistics file beside it is missing or was changed after the "
+        return Corrupt("", f"the {metric_name} statistics file beside it is missing or was changed after the "
                            f"baseline was recorded (the baseline expects sha256 {stored_sha})")
-    metric = get_metric(record["metric"])
-    tol = metric.default_tolerance(float(stored["value"])) if tolerance is None else float(tolerance)
-    seed_noise = stored.get("details", {}).get("seed_noise")
-    if tolerance is None and seed_noise is not None:
-        # Drift: what re-drawing the seeds alone would cause (metrics/drift.py derives it).
-        tol = max(tol, float(seed_noise))
-    noise = stored.get("noise", {}).get("max_abs_effect")
-    if tolerance is None and noise is not None:
-        # Calibrated: NOISE_FACTOR times the largest change benign re-runs caused, at least the floor.
-        tol = max(tol, NOISE_FACTOR * float(noise))
-    spread = stored.get("details", {}).get("spread")
-    if tolerance is None and spread is not None:
-        # Set-level metrics: twice the baseline's resampling spread (about 95% of the
-        # movement other images of the same model would cause), at least the metric's floor.
-        tol = max(tol, SPREAD_FACTOR * float(spread))
-    if "samples" in stored and "samples" in record:
-        return compare_paired(record["metric"], record["backbone"], record["higher_is_better"],
-                              per_sample_map(record), per_sample_map(stored), record["value"],
-                              float(stored["value"]), tol)
-    return compare_values(record["metric"], record["backbone"], record["higher_is_better"],
-                          record["value"], float(stored["value"]), tol)
+    tol, source = derive_tolerance(get_metric(metric_name), entry, tolerance)
+    if "samples" in entry and "samples" in record:
+        comparison = compare_paired(metric_name, record["backbone"], record["higher_is_better"],
+                                    per_sample_map(record), per_sample_map(entry), record["value"],
+                                    float(entry["value"]), tol)
+    else:
+        comparison = compare_values(metric_name, record["backbone"], record["higher_is_better"],
+                                    record["value"], float(entry["value"]), tol)
+    comparison.tolerance_source = source
+    spread = entry.get("details", {}).get("spread")
+    comparison.spread = float(spread) if spread is not None else None
+    return comparison
 
 
 def calibrate(images: Any, metric: str, result: MetricResult, options: dict[str, Any], runs: int) -> dict[str, Any]:
@@ -400,28 +759,48 @@ class DiffevalBaseline:
         return Path(self._snapshot.extension.get_location(test_location=self._snapshot.test_location, index=0))
 
     def assert_no_regression(self, images: Any, metric: str | list[str] | tuple[str, ...], *,
-                             tolerance: float | None = None, tripwires: bool = True, **metric_options: Any) -> Any:
+                             tolerance: float | Mapping[str, float | None] | None = None, tripwires: bool = True,
+                             **metric_options: Any) -> Any:
         """Measure ``metric`` (or each of a list of metrics) on ``images`` and fail if it
-        regressed against the stored baseline by more than ``tolerance`` (default: the
-        metric's, see README "Statistics").  With a list every metric is checked before
-        the test fails, and the failure lists each one that regressed."""
+        regressed against the stored baseline by more than ``tolerance`` (default: derived
+        per metric, see README "Statistics").  ``tolerance`` is one number for every metric
+        or a dict ``{metric: tolerance}`` (metrics it leaves out keep the derived one).  With
+        a list every metric is checked before the test fails, and the failure lists each
+        one that regressed."""
         __tracebackhide__ = True
         from . import tripwires as wires
         from .assertions import fail
 
+        metrics = [metric] if isinstance(metric, str) else list(metric)
+        tolerances = resolve_tolerances(metrics, tolerance)
         if tripwires:
             wires.check(images)
-        metrics = [metric] if isinstance(metric, str) else list(metric)
         outcomes, failures, error = [], [], AssertionError
         for name in metrics:
-            outcome, message, error_class = self._check(images, name, tolerance, metric_options)
+            outcome, message, error_class = self._check(images, name, tolerances[name], metric_options)
             outcomes.append(outcome)
             if message:
                 failures.append(message)
                 error = error_class if error is AssertionError else error
+        from .report import record_baseline_images  # --diffeval-baseline-images: thumbnails beside the baseline
+
+        record_baseline_images(images, self.path, self._snapshot)
         if failures:
             fail(images, ("\n" + "-" * 60 + "\n").join(failures), error=error)
         return outcomes[0] if isinstance(metric, str) else outcomes
+
+    def _refusal(self, updating: bool) -> str | None:
+        """Why this update must not write the baseline file (one a newer version wrote)."""
+        if not updating or not self.path.exists():
+            return None
+        try:
+            read_baseline_file(self.path)
+        except BaselineFormatError as exc:
+            if exc.newer:
+                return refuse_newer_message(self.path, exc)
+        except (ValueError, OSError):
+            pass
+        return None
 
     def _check(self, images: Any, metric: str, tolerance: float | None,
                metric_options: dict[str, Any]) -> tuple[Any, str | None, type[Exception]]:
@@ -431,10 +810,13 @@ class DiffevalBaseline:
         if not _METRIC_NAME.match(metric):
             raise ValueError(f"pytest-diffeval: metric name {metric!r} may only hold letters, digits, '_', '.', '-'")
         updating = bool(self._snapshot.update_snapshots)
+        refusal = self._refusal(updating)
+        if refusal:
+            return None, refusal, BaselineError
         extra: dict[str, Any] = {}
         if get_metric(metric).keeps_state:  # drift: compare with the statistics stored beside the baseline
-            stats = state_path(self.path, metric, hardware_key(getattr(images, "provenance", {}) or {}))
-            if stats.is_file():
+            stats = statistics_file_for(self.path, metric, hardware_key(getattr(images, "provenance", {}) or {}))
+            if stats is not None and stats.is_file():
                 extra["baseline_stats"] = stats
         try:
             result = compute_metric(metric, images, **metric_options, **extra)
@@ -442,8 +824,21 @@ class DiffevalBaseline:
             if not (updating and extra):
                 raise
             result = compute_metric(metric, images, **metric_options)  # unusable statistics: re-record them
+        rerun = f"pytest --snapshot-update {_node_for_cli(self.test_id)}"
+        location = self.path
+        values = [result.value, *(result.per_sample if result.per_sample is not None else [])]
+        if updating and not all(math.isfinite(float(v)) for v in values):
+            record_check(self.test_id, result, images, verdict="not recorded", baseline_file=str(location))
+            return None, (f"refusing to record {metric} = {result.value!r} in {location}: the run measured NaN or "
+                          "infinity, and a baseline must hold finite numbers.\n  fix: find why this run's outputs "
+                          f"are not finite (NaN images, a diverged model), then re-record with: {rerun}"), BaselineError
         record = build_record(result, images, metric_options)
         record["_test"] = self.test_id
+        try:  # the test module, relative to the baselines folder: how orphans are recognised
+            record["_test_file"] = Path(os.path.relpath(Path(self._snapshot.test_location.filepath).resolve(),
+                                                        DiffevalBaselineExtension.root.resolve())).as_posix()
+        except ValueError:  # another drive (Windows): such a file is never treated as an orphan
+            pass
         if result.state is not None:
             record["_state"] = result.state
         if settings.current().calibrate and getattr(images, "regenerate", None) is not None:
@@ -451,17 +846,16 @@ class DiffevalBaseline:
         assertion = self._snapshot(name=metric)
         extension = assertion.extension
         extension.tolerance = tolerance
+        extension.test_id = self.test_id
         extension.last_outcome = None
         extension.updating = updating = bool(assertion.update_snapshots)
         matched = assertion == record
         outcome = extension.last_outcome
-        location = self.path
         comparison = outcome if isinstance(outcome, Comparison) else None
         if updating:
             record_check(self.test_id, result, images, verdict="pass" if matched and comparison else "recorded",
                          baseline_file=str(location), comparison=comparison)
             return comparison, None, AssertionError
-        rerun = f"pytest --snapshot-update {_node_for_cli(self.test_id)}"
         if outcome is None or isinstance(outcome, NoEntry):
             hardware = (f" on this hardware ({outcome.key}; stored for: {', '.join(outcome.available)})"
                         if isinstance(outcome, NoEntry) else "")
@@ -491,6 +885,28 @@ class DiffevalBaseline:
         return None, message, BaselineError
 
 
+def resolve_tolerances(metrics: list[str], tolerance: Any) -> dict[str, float | None]:
+    """One tolerance per metric from ``tolerance``: None (derived), a number (every metric)
+    or a dict naming some of ``metrics`` (the others derived).  A dict key that is not one
+    of the metrics checked is a mistake (a typo would silently keep the derived tolerance)."""
+    def check(name: str, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"pytest-diffeval: tolerance for {name!r} must be a finite number >= 0 (or None for "
+                             f"the derived one), got {value!r}")
+        return float(value)
+
+    if isinstance(tolerance, Mapping):
+        unknown = sorted(str(k) for k in tolerance if k not in metrics)
+        if unknown:
+            raise ValueError(f"pytest-diffeval: tolerance names {', '.join(map(repr, unknown))}, which this call does "
+                             f"not check (metrics: {', '.join(map(repr, metrics))}); fix the metric name in the "
+                             "tolerance dict")
+        return {name: check(name, tolerance.get(name)) for name in metrics}
+    return {name: check(name, tolerance) for name in metrics}
+
+
 def _node_for_cli(test_id: str) -> str:
     return f"'{test_id}'" if any(c in test_id for c in " []") else test_id
 
@@ -501,7 +917,9 @@ def regression_message(c: Comparison, location: Path, rerun: str) -> str:
         f"{c.metric} regressed against the baseline ({c.backbone}; {direction} is better)",
         f"  this run: {c.value:.4f}   baseline: {c.baseline:.4f}   change: {c.delta:+.4f}",
     ]
-    if c.method == "paired-t":
+    if c.note:
+        lines.append(f"  {c.note}: a non-finite measurement never passes (look for NaN/inf images or a diverged model)")
+    elif c.method == "paired-t":
         lo, hi = c.interval or (c.effect, c.effect)
         lines.append(f"  paired over {c.n} (prompt, seed) samples: mean change {c.effect:+.4f} "
                      f"(95% CI {lo:+.4f} .. {hi:+.4f}); one-sided 95% bound {c.bound:+.4f} < -tolerance {c.tolerance:.4f}")
@@ -510,6 +928,12 @@ def regression_message(c: Comparison, location: Path, rerun: str) -> str:
                   for m in c.moved]
     else:
         lines.append(f"  change {c.effect:+.4f} (signed, + better) is beyond the tolerance {c.tolerance:.4f}")
+        if c.spread is not None:
+            band = SPREAD_FACTOR * c.spread
+            lines.append(f"  resampling spread of the baseline: {c.spread:.4f}; spread-based band: baseline "
+                         f"± {SPREAD_FACTOR:g} x spread = {c.baseline - band:.4f} .. {c.baseline + band:.4f}")
+    if c.tolerance_source:
+        lines.append(f"  tolerance {c.tolerance:.4f} from: {c.tolerance_source}")
     lines.append(f"  baseline file: {location}")
     lines.append(f"  if the change is intended, update the baseline: {rerun}")
     return "\n".join(lines)

@@ -113,6 +113,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="save images and metrics for passing checks too")
     option("diffeval-report", "diffeval_report", "self-contained HTML report of the metric checks, relative to "
            "the rootdir; default <results dir>/report.html")
+    option("diffeval-baseline-images", "diffeval_baseline_images", "with --snapshot-update: also store thumbnails "
+           "(<= 64 px) of the images beside each baseline, shown in the HTML report (true/false)", default="false",
+           action="store_const", const="true")
     group.addoption("--diffeval-require-gpu", action="store_true", default=False,
                     help="fail (do not skip) when no CUDA GPU is available or a GPU test would be skipped")
     parser.addini("diffeval_baselines_dir", help="folder of stored baselines, relative to the rootdir",
@@ -178,6 +181,7 @@ def pytest_configure(config: pytest.Config) -> None:
         records=[],
     )
     DiffevalBaselineExtension.root = settings.current().baselines_dir
+    DiffevalBaselineExtension.failed_tests = set()
     DiffevalBaselineExtension.rootdir = rootdir
     _ROWS.clear()
 
@@ -414,16 +418,58 @@ def _device() -> str:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if session.config.getoption("diffeval_require_gpu") and not _device().startswith("cuda"):
         raise pytest.UsageError("pytest-diffeval: --diffeval-require-gpu was given but no CUDA GPU is available "
-                                "here; a GPU runner that silently runs on the CPU is a false green")
+                                "here; a GPU runner that silently runs on the CPU is a false green. fix: check "
+                                "`nvidia-smi`, CUDA_VISIBLE_DEVICES and that `python -c \"import torch; "
+                                "print(torch.cuda.is_available())\"` prints True (a CUDA build of torch), or run "
+                                "without --diffeval-require-gpu to test on the CPU")
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
     if item.get_closest_marker("gpu") and not _device().startswith("cuda"):
         reason = ("needs a CUDA GPU; run on a GPU machine with `pytest --diffeval-require-gpu` "
                   f"(device here: {_device()})")
         if item.config.getoption("diffeval_require_gpu"):
             pytest.fail(reason)
         pytest.skip(reason)
+    try:
+        return (yield)
+    except FileNotFoundError as exc:  # a fixture may load the hub model
+        _skip_missing_weights(item, exc)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    try:
+        return (yield)
+    except FileNotFoundError as exc:
+        _skip_missing_weights(item, exc)
+        raise
+
+
+def _skip_missing_weights(item: pytest.Item, exc: FileNotFoundError) -> None:
+    """In a ``gpu`` test, hub weights that are not here (not cached, not downloadable) skip
+    the test with a reason naming the model and how to get it; under
+    ``--diffeval-require-gpu`` they fail it (a GPU runner that silently skips is a false
+    green).  Elsewhere a missing model stays the error it is (this returns)."""
+    reason = _missing_weights_reason(exc) if item.get_closest_marker("gpu") else None
+    if reason is None:
+        return
+    if item.config.getoption("diffeval_require_gpu"):
+        pytest.fail(f"{reason} (a failure, not a skip, under --diffeval-require-gpu)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _missing_weights_reason(exc: FileNotFoundError) -> str | None:
+    from .pipelines import WeightsNotAvailableError
+
+    if isinstance(exc, WeightsNotAvailableError):
+        return (f"needs the weights of {exc.model_id!r}, which are neither in the Hugging Face cache nor "
+                f"downloadable here; {exc.how_to_get()}")
+    if type(exc).__name__ == "BackboneNotFoundError":  # a metric's CLIP/feature weights (metrics/backbones.py)
+        return f"needs a metric backbone's weights that are not here: {str(exc).splitlines()[0]}"
+    return None
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -443,6 +489,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _ROWS.extend(getattr(report, "diffeval", None) or [])
+    if report.failed:  # its baseline went unused because it failed (a tripwire, say): keep it
+        DiffevalBaselineExtension.failed_tests.add(report.nodeid)
 
 
 _OUTPUTS = pytest.StashKey[Outputs]()
@@ -577,7 +625,10 @@ def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., A
         from .planning import ensure_plan, images_from_cache, memory_image_cache, plain_text_to_image
 
         nodeid = request.node.nodeid
-        size = batch_size or int(_value(request.config, "diffeval_batch_size"))
+        size = batch_size if batch_size is not None else int(_value(request.config, "diffeval_batch_size"))
+        if size < 1:  # checked here: a fully cached call never reaches generate_images
+            raise ValueError(f"pytest-diffeval: batch_size must be >= 1, got {size}; fix: pass a positive "
+                             "batch_size= or --diffeval-batch-size, or leave it out for the default")
         disk = image_cache(request.config)
         cache = disk
         by_name = isinstance(source_or_pipeline, (str, os.PathLike))

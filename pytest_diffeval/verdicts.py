@@ -7,11 +7,17 @@ that negative means worse; a one-sided 95% Student-t bound on it is computed.  A
 the tolerance with 95% confidence, so a few noisy samples cannot fail a test, while a
 real drop shared by many samples does.  Set-level metrics (FID) have one number per run
 and compare it with the baseline's directly.
+
+A measured value that is NaN or infinite is never a pass: it is a regression whose
+message says so (``nan`` compares false with everything, so a naive ``effect < -tol``
+check would let it through).  A non-finite *baseline* is refused with ``ValueError``:
+that is corrupt data, not a verdict (``baselines.judge`` reports it before comparing).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +43,9 @@ class Comparison:
     method: str  # "paired-t" or "value"
     verdict: str  # "pass", "regressed" or "improved"
     moved: list[dict[str, Any]] = field(default_factory=list)  # samples that moved most, worst first
+    tolerance_source: str = ""  # where the tolerance came from (explicit, floor, 2x spread, calibrated noise)
+    spread: float | None = None  # set-level metrics: the baseline's resampling spread
+    note: str = ""  # why a verdict was forced (a non-finite measurement)
 
     @property
     def passed(self) -> bool:
@@ -55,11 +64,33 @@ def _t_quantile(p: float, df: int) -> float:
     return float(stdtrit(df, p))
 
 
+def _require_tolerance(metric: str, tolerance: float) -> None:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not (
+            math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"pytest-diffeval: the tolerance for {metric} must be a finite number >= 0, got {tolerance!r}")
+
+
+def _require_finite_baseline(metric: str, values: list[float]) -> None:
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"pytest-diffeval: the {metric} baseline holds a non-finite value ({bad[0]!r}); "
+                         "it is corrupt: restore it from version control or re-record it with --snapshot-update")
+
+
 def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: dict[str, float],
                    baseline: dict[str, float], value: float, baseline_value: float, tolerance: float,
                    top: int = 5) -> Comparison:
     """Compare per-sample values keyed alike (``"<seed>|<prompt>"``)."""
+    _require_tolerance(metric, tolerance)
+    _require_finite_baseline(metric, [baseline_value, *baseline.values()])
     keys = [k for k in baseline if k in current]
+    nonfinite = [k for k in keys if not math.isfinite(current[k])]
+    if nonfinite or not math.isfinite(value):
+        shown = ", ".join(f"seed {k.split('|', 1)[0]} {k.split('|', 1)[1]!r}" for k in nonfinite[:3])
+        note = (f"this run measured a non-finite {metric} ({value!r}"
+                + (f"; {len(nonfinite)} sample(s) non-finite: {shown}" if nonfinite else "") + ")")
+        return Comparison(metric, backbone, higher_is_better, value, baseline_value, tolerance, math.nan, None,
+                          math.nan, len(keys), "paired-t", "regressed", note=note)
     sign = 1.0 if higher_is_better else -1.0
     diffs = np.array([sign * (current[k] - baseline[k]) for k in keys], dtype=np.float64)
     n = len(diffs)
@@ -91,6 +122,11 @@ def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: 
 def compare_values(metric: str, backbone: str, higher_is_better: bool, value: float, baseline_value: float,
                    tolerance: float) -> Comparison:
     """Compare a set-level value (FID, KID, ...) with the baseline's."""
+    _require_tolerance(metric, tolerance)
+    _require_finite_baseline(metric, [baseline_value])
+    if not math.isfinite(value):
+        return Comparison(metric, backbone, higher_is_better, value, baseline_value, tolerance, math.nan, None,
+                          math.nan, 1, "value", "regressed", note=f"this run measured a non-finite {metric} ({value!r})")
     sign = 1.0 if higher_is_better else -1.0
     effect = sign * (value - baseline_value)
     verdict = "regressed" if effect < -tolerance else "improved" if effect > tolerance else "pass"

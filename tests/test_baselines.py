@@ -10,6 +10,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -97,9 +98,13 @@ def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     project.runpytest_subprocess().assert_outcomes(passed=1)
 
 
-def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest.Pytester) -> None:
+XDIST = pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "n2"])
+
+
+@XDIST
+def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest.Pytester, xdist: list[str]) -> None:
     write_test(project)
-    result = project.runpytest_subprocess()
+    result = project.runpytest_subprocess(*xdist)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*no baseline for 'clip_score' of this test in *test_alignment[[]0[]].json*",
                                  "*record it with: pytest --snapshot-update 'test_user.py::test_alignment[[]0[]]'*"])
@@ -116,24 +121,32 @@ def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest
     ],
     ids=["truncated", "empty", "newer-format", "incomplete-entry"],
 )
-def test_unusable_baseline_is_an_error_and_update_repairs_it(project: pytest.Pytester, content: str, message: str) -> None:
+@XDIST
+def test_unusable_baseline_is_an_error_and_update_repairs_it(project: pytest.Pytester, content: str, message: str,
+                                                            xdist: list[str]) -> None:
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest_subprocess("--snapshot-update", *xdist).assert_outcomes(passed=1)
     [file] = baseline_files(project)
     file.write_text(content)
-    result = project.runpytest_subprocess()
+    result = project.runpytest_subprocess(*xdist)
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert message in out and str(file) in out and "re-record it with: pytest --snapshot-update" in out
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
-    project.runpytest_subprocess().assert_outcomes(passed=1)
+    if "newer" in message:  # an update must not drop what a newer version wrote
+        refused = project.runpytest_subprocess("--snapshot-update", *xdist)
+        refused.assert_outcomes(failed=1)
+        assert "will not overwrite it" in refused.stdout.str() and file.read_text() == content
+        file.write_text("{}")
+    project.runpytest_subprocess("--snapshot-update", *xdist).assert_outcomes(passed=1)
+    project.runpytest_subprocess(*xdist).assert_outcomes(passed=1)
 
 
-def test_provenance_mismatch_names_the_difference(project: pytest.Pytester) -> None:
+@XDIST
+def test_provenance_mismatch_names_the_difference(project: pytest.Pytester, xdist: list[str]) -> None:
     write_test(project, seeds=2)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest_subprocess("--snapshot-update", *xdist).assert_outcomes(passed=1)
     write_test(project, seeds=3)
-    result = project.runpytest_subprocess()
+    result = project.runpytest_subprocess(*xdist)
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "was recorded under other conditions" in out
@@ -221,6 +234,29 @@ def test_hardware_best_match() -> None:
     assert select_entry({"hardware": {GPU_KEY: "gpu"}}, "cpu/float32") == (None, None)  # never across types
 
 
+A100 = "cuda/NVIDIA A100-SXM4-80GB (sm80)/float16"
+
+
+def test_hardware_best_match_prefers_the_same_compute_capability() -> None:
+    """An H200 (sm90) run uses the H100 (sm90) entry although "A100" sorts first; without the
+    same major capability, the nearest one; the dtype still comes first."""
+    from pytest_diffeval.baselines import compute_capability, select_entry
+
+    assert compute_capability("NVIDIA H100 80GB HBM3 (sm90)") == (9, 0)
+    assert compute_capability("NVIDIA B200 (sm100)") == (10, 0)
+    assert compute_capability("NVIDIA L40S (sm89)") == (8, 9)
+    assert compute_capability("cpu") is None
+    check = {"hardware": {A100: "a100", GPU_KEY: "h100", "cuda/NVIDIA H100 80GB HBM3 (sm90)/float32": "h100-fp32"}}
+    assert select_entry(check, "cuda/NVIDIA H200 (sm90)/float16") == (GPU_KEY, "h100")
+    assert select_entry(check, "cuda/NVIDIA L40S (sm89)/float16")[1] == "a100"  # same major (8)
+    assert select_entry(check, "cuda/Tesla T4 (sm75)/float16")[1] == "a100"  # no sm7x: nearest is sm80
+    assert select_entry(check, "cuda/NVIDIA B200 (sm100)/float16")[1] == "h100"  # no sm10x: nearest is sm90
+    assert select_entry(check, "cuda/NVIDIA H200 (sm90)/float32")[1] == "h100-fp32"  # dtype first
+    assert select_entry(check, "cuda/NVIDIA A100-SXM4-80GB (sm80)/float32")[1] == "h100-fp32"
+    # No capability known on either side: the first key alphabetically, deterministically.
+    assert select_entry({"hardware": {"cuda/B/float16": "b", "cuda/A/float16": "a"}}, "cuda/C/float16")[1] == "a"
+
+
 def test_improvement_passes_with_a_hint_and_update_ratchets_the_baseline(project: pytest.Pytester) -> None:
     write_test(project)
     project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
@@ -237,8 +273,11 @@ def test_improvement_passes_with_a_hint_and_update_ratchets_the_baseline(project
 
 def test_calibration_stores_benign_noise_and_derives_the_tolerance(project: pytest.Pytester) -> None:
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=1)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
+    assert "noise" not in json.loads(file.read_text())["checks"]["clip_score"]["hardware"]["cpu/float32"]
+    # Calibrating a baseline that exists and still passes must store the noise all the same.
+    project.runpytest_subprocess("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=1)
     entry = json.loads(file.read_text())["checks"]["clip_score"]["hardware"]["cpu/float32"]
     noise = entry["noise"]
     assert noise["runs"] == 2 and noise["perturbations"] == [{"threads": 1}, {"batch_size": 1}]
@@ -271,12 +310,27 @@ def test_drift_keeps_statistics_beside_the_baseline_and_catches_a_change(project
     project.makepyfile(test_user=DRIFT_TEST.format(checks=check))
     project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
-    stats = file.with_name("test_drift.drift.cpu-float32.safetensors")
-    assert stats.is_file()
     entry = json.loads(file.read_text())["checks"]["drift"]["hardware"]["cpu/float32"]
+    sha = hashlib.sha256((file.parent / entry["details"]["statistics_file"]).read_bytes()).hexdigest()[:16]
+    stats = file.with_name(f"test_drift.drift.cpu-float32.{sha}.safetensors")  # named by its content
+    assert entry["details"]["statistics_file"] == stats.name and stats.is_file()
     assert entry["value"] == 0.0 and entry["details"]["seed_noise"] > 0
-    assert entry["details"]["statistics_sha256"] == hashlib.sha256(stats.read_bytes()).hexdigest()[:16]
+    assert entry["details"]["statistics_sha256"] == sha
     project.runpytest_subprocess().assert_outcomes(passed=1)  # the same images: distance 0
+
+    # A format-1 baseline (statistics under the old name, not named in the JSON) still reads,
+    # and --snapshot-update migrates it to the content-addressed name.
+    legacy = file.with_name("test_drift.drift.cpu-float32.safetensors")
+    stats.rename(legacy)
+    data = json.loads(file.read_text())
+    data["format_version"] = 1
+    del data["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"]
+    file.write_text(json.dumps(data, indent=2))
+    project.runpytest_subprocess().assert_outcomes(passed=1)
+    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    migrated = json.loads(file.read_text())
+    assert migrated["format_version"] == 2 and not legacy.exists() and stats.is_file()
+    assert migrated["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"] == stats.name
 
     darken(project.path / "model")
     failed = project.runpytest_subprocess()
@@ -289,9 +343,455 @@ def test_drift_keeps_statistics_beside_the_baseline_and_catches_a_change(project
     assert "statistics file beside it is missing or was changed" in lost.stdout.str()
 
     project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
-    assert stats.is_file()
+    details = json.loads(file.read_text())["checks"]["drift"]["hardware"]["cpu/float32"]["details"]
+    recorded = file.parent / details["statistics_file"]  # the darkened model's statistics: a new name
+    assert recorded != stats and recorded.is_file() and recorded.name.endswith(f".{details['statistics_sha256']}.safetensors")
+    assert [p.name for p in file.parent.glob("*.safetensors")] == [recorded.name]
     project.runpytest_subprocess().assert_outcomes(passed=1)
 
     project.makepyfile(test_user=DRIFT_TEST.format(checks='diffeval_baseline.assert_no_regression(images, "clip_score")'))
     project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
-    assert not stats.exists() and set(json.loads(file.read_text())["checks"]) == {"clip_score"}
+    assert set(json.loads(file.read_text())["checks"]) == {"clip_score"}
+    assert list(file.parent.glob("*.safetensors")) == []
+
+
+# --------------------------------------------------------------------------- cheap projects
+# Tests of the storage itself run a project without a pipeline: metrics of fixed random
+# images (seeded by the test id), shifted by the OFFSET environment variable.
+
+CHEAP_CONFTEST = """
+import os
+from pytest_diffeval.metrics import register_metric
+
+OFFSET = float(os.environ.get("OFFSET", "0"))
+
+@register_metric("level", absolute_tolerance=0.5)
+def level(images):
+    return images.images.reshape(len(images), -1).mean(axis=1) + OFFSET
+
+@register_metric("spread", absolute_tolerance=0.5)
+def spread(images):
+    return images.images.reshape(len(images), -1).std(axis=1) + OFFSET
+"""
+
+CHEAP_TEST = """
+import json
+import os
+import numpy as np
+import pytest
+from pytest_diffeval import ImageSet
+
+@pytest.mark.parametrize("case", {ids!r})
+def test_case(diffeval_baseline, case):
+    rng = np.random.default_rng(sum(map(ord, case)))
+    images = ImageSet(images=rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8), prompts=["a", "b", "c", "d"],
+                      seeds=[0] * 4, nonfinite=[False] * 4)
+    tolerance = json.loads(os.environ.get("TOLERANCE", "null"))
+    diffeval_baseline.assert_no_regression(images, {metrics!r}, tolerance=tolerance)
+"""
+
+
+def cheap_project(pytester: pytest.Pytester, files: dict[str, list[str]],
+                  metrics: list[str] | str = "level") -> pytest.Pytester:
+    pytester.makeconftest(CHEAP_CONFTEST)
+    pytester.makepyfile(**{name: CHEAP_TEST.format(ids=ids, metrics=metrics) for name, ids in files.items()})
+    return pytester
+
+
+def snapshot_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_baselines_of_a_deleted_test_file_are_reported_and_removed_on_update(pytester: pytest.Pytester) -> None:
+    cheap_project(pytester, {"test_one": ["x", "y"], "test_two": ["z"], "test_three": ["w"]})
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=4)
+    root = pytester.path / "baselines"
+    assert sorted(p.parent.name for p in root.rglob("*.json")) == ["test_one", "test_one", "test_three", "test_two"]
+    [two] = (root / "test_two").glob("*.json")
+    assert json.loads(two.read_text())["test_file"] == "../test_two.py"
+    kept = {name: snapshot_of(root / name) for name in ("test_one", "test_three")}
+
+    (pytester.path / "test_two.py").unlink()
+    reported = pytester.runpytest_subprocess("--snapshot-details")
+    reported.assert_outcomes(passed=3)
+    assert reported.ret != 0  # syrupy fails a run that leaves unused baselines (without --snapshot-warn-unused)
+    out = reported.stdout.str()
+    assert "1 snapshot unused" in out and "test_case[z][level]" in out
+
+    # test_three.py exists but is not collected: its baselines are not unused, only test_two's.
+    updated = pytester.runpytest_subprocess("--snapshot-update", "--ignore=test_three.py")
+    updated.assert_outcomes(passed=2)
+    assert "1 unused snapshot deleted" in updated.stdout.str()
+    assert not (root / "test_two").exists()
+    assert {name: snapshot_of(root / name) for name in ("test_one", "test_three")} == kept
+    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+
+
+def test_ids_that_clean_to_one_file_name_keep_separate_baselines(pytester: pytest.Pytester) -> None:
+    """``a/b`` and ``ab`` both clean to ``ab``: the changed one gets a hash of its id, and each
+    file stores the id it belongs to, checked on every read."""
+    cheap_project(pytester, {"test_ids": ["a/b", "ab"]})
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    folder = pytester.path / "baselines" / "test_ids"
+    hashed = f"test_case[ab]~{hashlib.sha256(b'test_case[a/b]').hexdigest()[:8]}.json"
+    assert sorted(p.name for p in folder.glob("*.json")) == sorted(["test_case[ab].json", hashed])
+    slash, plain = json.loads((folder / hashed).read_text()), json.loads((folder / "test_case[ab].json").read_text())
+    assert slash["test"] == "test_ids.py::test_case[a/b]" and plain["test"] == "test_ids.py::test_case[ab]"
+    [slash_entry], [plain_entry] = slash["checks"]["level"]["hardware"].values(), plain["checks"]["level"]["hardware"].values()
+    assert slash_entry["value"] != plain_entry["value"]  # different images: neither overwrote the other
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+
+    (folder / "test_case[ab].json").write_bytes((folder / hashed).read_bytes())  # the collision of old versions
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=1)
+    assert "it was recorded for test 'test_ids.py::test_case[a/b]', not for this test 'test_ids.py::test_case[ab]'" \
+        in result.stdout.str()
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    assert json.loads((folder / "test_case[ab].json").read_text())["test"] == "test_ids.py::test_case[ab]"
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+
+
+def _set(entry: dict, field: str, value: object) -> None:
+    target = entry
+    *parents, last = field.split(".")
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    if isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("value", "abc", ".value is 'abc', expected a finite number"),
+        ("signature", "x", ".signature is 'x', expected an object"),
+        ("value", float("nan"), ".value is nan, expected a finite number"),
+        ("samples.1.value", float("inf"), ".samples[1].value is inf, expected a finite number"),
+        ("samples.0", "x", ".samples[0] is 'x', expected"),
+        ("details.statistics_file", "../../outside.safetensors", "a path elsewhere is refused"),
+        ("noise", {"max_abs_effect": float("nan")}, ".noise.max_abs_effect is nan"),
+    ],
+    ids=["value-text", "signature-text", "value-nan", "sample-inf", "sample-text", "stats-path", "noise-nan"],
+)
+def test_a_malformed_entry_is_a_baseline_error_naming_the_field(pytester: pytest.Pytester, field: str,
+                                                                value: object, message: str) -> None:
+    cheap_project(pytester, {"test_bad": ["c"]})
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = (pytester.path / "baselines").rglob("*.json")
+    data = json.loads(file.read_text())
+    [(key, entry)] = data["checks"]["level"]["hardware"].items()
+    _set(entry, field, value)
+    file.write_text(json.dumps(data))  # json writes NaN / Infinity literals, which json.loads accepts
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "BaselineError" in out and str(file) in out and f"checks.level.hardware[{key!r}]" in out
+    assert message in out and "re-record it with: pytest --snapshot-update" in out
+    assert "Traceback" not in out and "ValueError" not in out and "AttributeError" not in out
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_a_missing_format_version_is_named_not_called_newer(pytester: pytest.Pytester) -> None:
+    cheap_project(pytester, {"test_bad": ["c"]})
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = (pytester.path / "baselines").rglob("*.json")
+    data = json.loads(file.read_text())
+    del data["format_version"]
+    file.write_text(json.dumps(data))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "it has no 'format_version'" in out and "is newer" not in out and "format_version None" not in out
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    assert json.loads(file.read_text())["format_version"] == 2
+
+
+def test_an_explicit_tolerance_per_metric(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both metrics drop by exactly 0.5: a dict tolerance lets ``level`` pass (1.0) and
+    fails ``spread`` (0.1); a float applies to both; an unknown name is an error."""
+    cheap_project(pytester, {"test_tol": ["c"]}, metrics=["level", "spread"])
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    monkeypatch.setenv("OFFSET", "-0.5")
+    monkeypatch.setenv("TOLERANCE", json.dumps({"level": 1.0, "spread": 0.1}))
+    per_metric = pytester.runpytest_subprocess()
+    per_metric.assert_outcomes(failed=1)
+    out = per_metric.stdout.str()
+    assert "spread regressed against the baseline" in out and "level regressed" not in out
+    assert "-tolerance 0.1000" in out and "tolerance 0.1000 from: explicit" in out
+    monkeypatch.setenv("TOLERANCE", "1.0")
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    monkeypatch.setenv("TOLERANCE", "0.1")
+    both = pytester.runpytest_subprocess()
+    both.assert_outcomes(failed=1)
+    assert "spread regressed" in both.stdout.str() and "level regressed" in both.stdout.str()
+    monkeypatch.setenv("TOLERANCE", json.dumps({"levle": 1.0}))
+    typo = pytester.runpytest_subprocess()
+    typo.assert_outcomes(failed=1)
+    assert "tolerance names 'levle', which this call does not check (metrics: 'level', 'spread')" in typo.stdout.str()
+
+
+def test_resolve_tolerances() -> None:
+    from pytest_diffeval.baselines import resolve_tolerances
+
+    assert resolve_tolerances(["a", "b"], None) == {"a": None, "b": None}
+    assert resolve_tolerances(["a", "b"], 0.5) == {"a": 0.5, "b": 0.5}
+    assert resolve_tolerances(["a", "b"], {"a": 1.0, "b": 0.1}) == {"a": 1.0, "b": 0.1}
+    assert resolve_tolerances(["a", "b"], {"b": 2}) == {"a": None, "b": 2.0}  # a keeps the derived one
+    with pytest.raises(ValueError, match=r"tolerance names 'c', which this call does not check"):
+        resolve_tolerances(["a", "b"], {"a": 1.0, "c": 1.0})
+    with pytest.raises(ValueError, match=r"tolerance for 'a' must be a finite number >= 0.*got nan"):
+        resolve_tolerances(["a"], float("nan"))
+
+
+def test_update_refuses_to_overwrite_a_newer_format(pytester: pytest.Pytester) -> None:
+    cheap_project(pytester, {"test_new": ["c"]})
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    [file] = (pytester.path / "baselines").rglob("*.json")
+    data = json.loads(file.read_text())
+    data["format_version"] = 99
+    data["checks"]["future_metric"] = {"something": "this version cannot read"}
+    file.write_text(json.dumps(data))
+    before = file.read_bytes()
+    refused = pytester.runpytest_subprocess("--snapshot-update")
+    refused.assert_outcomes(failed=1)
+    out = refused.stdout.str()
+    assert "format_version 99 is newer than this pytest-diffeval understands" in out
+    assert "will not overwrite it" in out and "upgrade pytest-diffeval" in out
+    assert file.read_bytes() == before
+
+    from pytest_diffeval.baselines import BaselineError, DiffevalBaselineExtension
+
+    # The storage layer refuses too, whatever calls it.
+    from syrupy.data import Snapshot, SnapshotCollection
+
+    collection = SnapshotCollection(location=str(file))
+    collection.add(Snapshot(name=f"{file.stem}[level]", data={"metric": "level", "value": 1.0, "signature": {}}))
+    with pytest.raises(BaselineError, match="will not overwrite it"):
+        DiffevalBaselineExtension.write_snapshot_collection(snapshot_collection=collection)
+    assert file.read_bytes() == before
+
+
+def test_update_refuses_to_record_a_non_finite_value(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    cheap_project(pytester, {"test_nan": ["c"]})
+    monkeypatch.setenv("OFFSET", "nan")
+    result = pytester.runpytest_subprocess("--snapshot-update")
+    result.assert_outcomes(failed=1)
+    assert "metric 'level' gave a non-finite result" in result.stdout.str()  # compute_metric refuses it first
+    assert list((pytester.path / "baselines").rglob("*.json")) == []
+
+
+# --------------------------------------------------------------------------- judge, unit level
+
+
+def _judge_inputs(value: float = 10.0, *, samples: list[float] | None = None, **stored_extra: object):
+    from pytest_diffeval import ImageSet
+    from pytest_diffeval.baselines import build_record
+    from pytest_diffeval.metrics import MetricResult
+
+    images = ImageSet(images=np.zeros((2, 8, 8, 3), dtype=np.uint8), prompts=["p", "q"], seeds=[0, 1],
+                      call_kwargs={"num_inference_steps": 4, "height": 8, "width": 8})
+    per_sample = np.array(samples) if samples is not None else None
+    result = MetricResult("setlevel", value, "bb", False, per_sample=per_sample)
+    record = build_record(result, images, {})
+    entry = {**build_record(MetricResult("setlevel", 10.0, "bb", False,
+                                         per_sample=np.array([10.0, 10.0]) if samples is not None else None),
+                            images, {}), **stored_extra}
+    return record, {"hardware": {"cpu/unknown": entry}}
+
+
+@pytest.fixture
+def setlevel_metric():
+    from pytest_diffeval.metrics import _REGISTRY, register_metric
+
+    register_metric("setlevel", higher_is_better=False, absolute_tolerance=0.5)(lambda images: None)
+    yield
+    _REGISTRY.pop("setlevel", None)
+
+
+def test_judge_uses_twice_the_resampling_spread_for_set_level_metrics(setlevel_metric: None) -> None:
+    from pytest_diffeval.baselines import SPREAD_FACTOR, judge, regression_message
+
+    spread = 2.0
+    record, stored = _judge_inputs(10.0 + SPREAD_FACTOR * spread * 0.9, details={"spread": spread})
+    comparison = judge(record, stored, None)
+    assert comparison.tolerance == SPREAD_FACTOR * spread and comparison.verdict == "pass"
+    assert comparison.spread == spread and "resampling spread" in comparison.tolerance_source
+    record, stored = _judge_inputs(10.0 + SPREAD_FACTOR * spread * 1.1, details={"spread": spread})
+    worse = judge(record, stored, None)
+    assert worse.verdict == "regressed"
+    message = regression_message(worse, Path("b.json"), "pytest --snapshot-update t")
+    band = SPREAD_FACTOR * spread
+    assert f"resampling spread of the baseline: {spread:.4f}" in message
+    assert f"{10.0 - band:.4f} .. {10.0 + band:.4f}" in message
+    assert f"tolerance {band:.4f} from: {SPREAD_FACTOR:g} x the resampling spread" in message
+    # A spread below the floor leaves the floor; calibrated noise and an explicit value are named too.
+    record, stored = _judge_inputs(10.0, details={"spread": 0.1})
+    assert judge(record, stored, None).tolerance_source == "the metric's floor"
+    record, stored = _judge_inputs(10.0, noise={"max_abs_effect": 1.0})
+    assert "calibrated noise" in judge(record, stored, None).tolerance_source
+    assert judge(record, stored, 0.25).tolerance_source.startswith("explicit")
+
+
+def test_judge_never_passes_a_non_finite_measurement(setlevel_metric: None) -> None:
+    from pytest_diffeval.baselines import judge
+
+    for bad in (float("nan"), float("inf")):
+        record, stored = _judge_inputs(bad)
+        assert judge(record, stored, 1e9).verdict == "regressed"
+        record, stored = _judge_inputs(10.0, samples=[10.0, bad])
+        assert judge(record, stored, 1e9).verdict == "regressed"
+
+
+def test_judge_refuses_a_non_finite_baseline(setlevel_metric: None) -> None:
+    from pytest_diffeval.baselines import Corrupt, judge
+
+    record, stored = _judge_inputs(10.0)
+    stored["hardware"]["cpu/unknown"]["value"] = float("nan")
+    outcome = judge(record, stored, None)
+    assert isinstance(outcome, Corrupt) and "value is nan, expected a finite number" in outcome.reason
+    record, stored = _judge_inputs(10.0, samples=[10.0, 10.0])
+    stored["hardware"]["cpu/unknown"]["samples"][1]["value"] = float("-inf")
+    outcome = judge(record, stored, None)
+    assert isinstance(outcome, Corrupt) and "samples[1].value is -inf" in outcome.reason
+
+
+def _signature(**changes: object) -> dict:
+    from pytest_diffeval import ImageSet
+    from pytest_diffeval.baselines import signature
+    from pytest_diffeval.metrics import MetricResult
+
+    options = {"size": 8, "prompts": ["a red cube", "a blue ball"], "steps": 4, **changes}
+    images = ImageSet(images=np.zeros((2, options["size"], options["size"], 3), dtype=np.uint8),
+                      prompts=options["prompts"], seeds=[0, 1],
+                      call_kwargs={"num_inference_steps": options["steps"], "height": options["size"],
+                                   "width": options["size"]})
+    return signature(MetricResult("clip_score", 1.0, "bb", True), images, {})
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"size": 16}, ["image_size: baseline [8, 8], this run [16, 16]", "call_kwargs: baseline"]),
+    ({"steps": 2}, ["call_kwargs: baseline {'num_inference_steps': 4", "this run {'num_inference_steps': 2"]),
+    ({"prompts": ["a red cube", "a blue cube"]}, ["prompts: the prompt list differs from the baseline's"]),
+], ids=["resolution", "steps", "same-length-prompts"])
+def test_provenance_differences_are_named(change: dict, expected: list[str]) -> None:
+    from pytest_diffeval.baselines import signature_differences
+
+    stored, current = _signature(), _signature(**change)
+    assert signature_differences(stored, stored) == []
+    differences = "\n".join(signature_differences(stored, current))
+    assert all(text in differences for text in expected), differences
+
+
+def test_judge_reports_a_provenance_difference_instead_of_comparing() -> None:
+    from pytest_diffeval.baselines import judge
+
+    stored_sig, current_sig = _signature(), _signature(prompts=["a red cube", "a blue cube"])
+    entry = {"metric": "clip_score", "backbone": "bb", "higher_is_better": True, "value": 1.0,
+             "signature": stored_sig}
+    record = {**entry, "signature": current_sig, "value": 1.0}
+    assert judge(record, {"hardware": {"cpu/unknown": entry}}, None) == \
+        ["prompts: the prompt list differs from the baseline's"]
+
+
+# --------------------------------------------------------------------------- statistics files
+
+
+STATE_WRITER = """
+import json, os, signal, sys
+from pathlib import Path
+import numpy as np
+from syrupy.data import Snapshot, SnapshotCollection
+from pytest_diffeval import baselines
+
+path, fill, kill_at = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if kill_at == "before-json":  # the new statistics file is written, the JSON not yet replaced
+    baselines._atomic_write_text = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+if kill_at == "before-cleanup":  # the JSON is replaced, the old statistics file not yet deleted
+    baselines.remove_stale_sidecars = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+record = {"metric": "drift", "backbone": "f", "higher_is_better": False, "value": 0.0, "signature": {},
+          "details": {}, "provenance": {"device": "cpu", "dtype": "torch.float32"}, "_test": "t.py::test_x",
+          "_state": {"tensors": {"real_features_sum": np.full(4, fill), "real_features_num_samples": np.array(8)},
+                     "metadata": {"feature_id": "f", "preprocessing": "p"}}}
+collection = SnapshotCollection(location=str(path))
+collection.add(Snapshot(name="test_x[drift]", data=record))
+baselines.DiffevalBaselineExtension.write_snapshot_collection(snapshot_collection=collection)
+"""
+
+
+def _write_state(tmp_path: Path, fill: float, kill_at: str = "") -> int:
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(STATE_WRITER)
+    return subprocess.run([sys.executable, str(script), str(tmp_path / "b" / "test_x.json"), str(fill), kill_at],
+                          capture_output=True, timeout=300).returncode
+
+
+def _statistics(file: Path) -> tuple[Path, str]:
+    details = json.loads(file.read_text())["checks"]["drift"]["hardware"]["cpu/float32"]["details"]
+    return file.parent / details["statistics_file"], details["statistics_sha256"]
+
+
+def test_statistics_files_survive_a_kill_at_any_step_of_an_update(tmp_path: Path) -> None:
+    """Statistics are content-addressed: the new file is written under a new name, the JSON
+    replaced atomically, the old file deleted last.  SIGKILL between the steps leaves the
+    old or the new baseline, each with the statistics it names."""
+    import signal
+
+    file = tmp_path / "b" / "test_x.json"
+    assert _write_state(tmp_path, 1.0) == 0
+    old, old_sha = _statistics(file)
+    assert old.name == f"test_x.drift.cpu-float32.{old_sha}.safetensors"
+    assert hashlib.sha256(old.read_bytes()).hexdigest()[:16] == old_sha
+
+    assert _write_state(tmp_path, 2.0, "before-json") == -signal.SIGKILL
+    assert _statistics(file) == (old, old_sha) and old.is_file()  # still the old baseline, whole
+    assert hashlib.sha256(old.read_bytes()).hexdigest()[:16] == old_sha
+    assert len(list(file.parent.glob("*.safetensors"))) == 2  # the new one, not yet named by the JSON
+
+    assert _write_state(tmp_path, 3.0, "before-cleanup") == -signal.SIGKILL
+    new, new_sha = _statistics(file)
+    assert new_sha != old_sha and new.is_file() and hashlib.sha256(new.read_bytes()).hexdigest()[:16] == new_sha
+
+    assert _write_state(tmp_path, 3.0) == 0  # the next update removes what killed runs left
+    assert [p.name for p in file.parent.glob("*.safetensors")] == [new.name]
+
+
+def test_update_removes_temp_files_of_killed_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    file = tmp_path / "b" / "test_x.json"
+    assert _write_state(tmp_path, 1.0) == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    left = [file.with_name(f".test_x.json.{pid}.123.tmp"),
+            file.with_name(f"..test_x.drift.{pid}.1.tmp.{pid}.tmp")]
+    live = file.with_name(f".test_x.json.{os.getpid()}.1.tmp")  # a writer that is still running
+    other = file.with_name(f".test_y.json.{pid}.1.tmp")  # another test's: not this update's business
+    for tmp in [*left, live, other]:
+        tmp.write_text("partial")
+    assert _write_state(tmp_path, 2.0) == 0
+    assert not any(p.exists() for p in left) and live.exists() and other.exists()
+
+
+def test_statistics_file_for_reads_both_name_schemes(tmp_path: Path) -> None:
+    from pytest_diffeval.baselines import state_path, statistics_file_for
+
+    file = tmp_path / "b" / "test_x.json"
+    assert _write_state(tmp_path, 1.0) == 0
+    new, _ = _statistics(file)
+    assert statistics_file_for(file, "drift", "cpu/float32") == new
+    data = json.loads(file.read_text())
+    del data["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"]
+    file.write_text(json.dumps(data))
+    assert statistics_file_for(file, "drift", "cpu/float32") == state_path(file, "drift", "cpu/float32") == \
+        file.with_name("test_x.drift.cpu-float32.safetensors")
+    data["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"] = "../escape.safetensors"
+    file.write_text(json.dumps(data))
+    assert statistics_file_for(file, "drift", "cpu/float32") is None

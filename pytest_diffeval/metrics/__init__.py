@@ -45,6 +45,10 @@ class MissingDependencyError(DiffevalInputError, ModuleNotFoundError):
     """A package a metric needs is not installed (the message names what to install)."""
 
 
+class WeightsFileNotFoundError(DiffevalInputError, FileNotFoundError):
+    """A metric's weights file does not exist (the message names the file, the option and the fix)."""
+
+
 class UnknownMetricError(DiffevalInputError, KeyError):
     """No metric is registered under the name asked for."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import settings
-from . import Metric, MetricResult
+from . import Metric, MetricResult, WeightsFileNotFoundError
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -32,7 +32,7 @@ def load_weights_file(path: str | Path, *, metric: str, option: str, fix: str) -
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"pytest-diffeval: {metric}: weights file {path} ({option}=) does not exist; fix: {fix}")
+        raise WeightsFileNotFoundError(f"pytest-diffeval: {metric}: weights file {path} ({option}=) does not exist; fix: {fix}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
-from . import DiffevalInputError, Metric, MetricResult
+from . import DiffevalInputError, Metric, MetricResult, WeightsFileNotFoundError
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
@@ -41,7 +41,7 @@ def _inception_weights_file(configured: str | None) -> Path:
     if configured:
         path = Path(configured).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise WeightsFileNotFoundError(
                 f"pytest-diffeval: Inception weights file {path} (--diffeval-inception-weights / ini "
                 "diffeval_inception_weights) does not exist; fix: point the option at torch-fidelity's "
                 "weights-inception-2015-12-05-6726825d.pth (.pth/.pt, loaded with weights_only=True) or its "

@@ -199,16 +199,11 @@ def entry_problem(metric: str, key: str, entry: Any) -> str | None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Temp file, fsync, rename (report.py's writer; a module attribute so tests can kill a
+    run right at the write)."""
+    from .report import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def read_baseline_file(path: Path) -> dict[str, Any]:

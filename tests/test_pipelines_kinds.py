@@ -228,20 +228,25 @@ def test_unconditional_ddpm_samples_by_seed_and_measures_kid(models, pipes) -> N
 # --------------------------------------------------------------------------- inputs
 
 
-@pytest.fixture
-def counted(models, pipes, monkeypatch: pytest.MonkeyPatch):
-    """The inpainting pipeline, counting how often it is called."""
-    pipe = pipes.get(models["inpaint"])
-    calls: list[int] = []
+def spy(pipe: object, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The keyword arguments of each call of ``pipe``'s class, recorded in the returned list."""
+    calls: list[dict] = []
     original = type(pipe).__call__
 
     @functools.wraps(original)
     def call(self, *args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(pipe), "__call__", call)
-    return pipe, calls
+    return calls
+
+
+@pytest.fixture
+def counted(models, pipes, monkeypatch: pytest.MonkeyPatch):
+    """The inpainting pipeline, counting how often it is called."""
+    pipe = pipes.get(models["inpaint"])
+    return pipe, spy(pipe, monkeypatch)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -522,16 +527,7 @@ def test_every_pipeline_records_passes_and_catches_a_broken_model(user_project: 
 def sdxl_calls(models, pipes, monkeypatch: pytest.MonkeyPatch):
     """The SDXL pipeline, recording the keyword arguments of each call."""
     pipe = pipes.get(models["sdxl"])
-    calls: list[dict] = []
-    original = type(pipe).__call__
-
-    @functools.wraps(original)
-    def call(self, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipe), "__call__", call)
-    return pipe, calls
+    return pipe, spy(pipe, monkeypatch)
 
 
 def test_sdxl_prompt_2_and_negative_prompt_2_reach_the_pipeline_and_the_cache_key(sdxl_calls, tmp_path: Path) -> None:

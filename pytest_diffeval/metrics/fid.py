@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
-from . import DiffevalInputError, Metric, MetricResult, WeightsFileNotFoundError
+from . import DiffevalInputError, Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
@@ -76,13 +76,40 @@ def load_inception_state(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated or a pickle with code in it
-        raise ValueError(
+        raise MetricInputError(
             f"pytest-diffeval: cannot read Inception weights file {path} ({type(exc).__name__}: {exc}); fix: "
             "use torch-fidelity's weights-inception-2015-12-05-6726825d.pth or its safetensors conversion"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pytest-diffeval: Inception weights file {path} holds no state dict of tensors")
+        raise MetricInputError(f"pytest-diffeval: Inception weights file {path} holds no state dict of tensors; fix: "
+                               "use torch-fidelity's weights-inception-2015-12-05-6726825d.pth or its safetensors "
+                               "conversion")
     return state
+
+
+def inception_network(features_list: list[str], weights: str | None) -> tuple[torch.nn.Module, Path]:
+    """torchmetrics' ``NoTrainInceptionV3`` giving ``features_list`` (e.g. ``["2048"]`` or
+    ``["logits_unbiased"]``) with the weights of ``weights`` (see :func:`_inception_weights_file`),
+    and that file's path.  torch-fidelity unpickles whatever it is handed (weights_only=False),
+    so it gets a buffer serialised here from the tensors read safely, never the file."""
+    import io
+
+    import torch
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    path = _inception_weights_file(weights)
+    buffer = io.BytesIO()
+    torch.save(load_inception_state(path), buffer)
+    buffer.seek(0)
+    try:
+        module = NoTrainInceptionV3(name="inception-v3-compat", features_list=features_list,
+                                    feature_extractor_weights_path=buffer, antialias=True)
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshaped tensors
+        raise MetricInputError(
+            f"pytest-diffeval: Inception weights file {path} does not fit torch-fidelity's Inception-v3 "
+            f"({str(exc)[:300]}); fix: use weights-inception-2015-12-05-6726825d.pth or its safetensors conversion"
+        ) from exc
+    return module, path
 
 
 def inception_features(features: str, weights: str | None) -> tuple[torch.nn.Module, str]:
@@ -91,37 +118,20 @@ def inception_features(features: str, weights: str | None) -> tuple[torch.nn.Mod
     feature id: the name plus the weights file's content hash (other weights, other scores)."""
     dim = features.rsplit("-", 1)[1]
     if not dim.isdigit() or int(dim) not in INCEPTION_DIMS:
-        raise ValueError(f"pytest-diffeval: unknown FID features {features!r}; Inception gives "
-                         f"{', '.join(f'inception-v3-{d}' for d in INCEPTION_DIMS)}")
+        raise MetricInputError(f"pytest-diffeval: unknown FID features {features!r}; Inception gives "
+                               f"{', '.join(f'inception-v3-{d}' for d in INCEPTION_DIMS)}; fix: pick one of those")
     try:
         import torch_fidelity  # noqa: F401 - torchmetrics' Inception is torch-fidelity's network
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.image.fid import NoTrainInceptionV3  # noqa: F401 - needs torch-fidelity too
     except ImportError as exc:
-        raise ModuleNotFoundError(
+        raise MissingDependencyError(
             f"pytest-diffeval: FID features {features!r} need torchmetrics' Inception (package torch-fidelity, "
             f"`pip install torch-fidelity`, which needs torchvision; import failed: {exc}) and, offline, its weights "
             "file via --diffeval-inception-weights. Or choose CLIP features: fid_features='clip:<clip model>'."
         ) from exc
-    import io
-
-    import torch
-
     from ..fingerprints import file_fingerprint
 
-    path = _inception_weights_file(weights)
-    # torch-fidelity reads its weights with torch.load(weights_only=False): hand it only a buffer
-    # serialised here from the tensors read safely above, never the file itself.
-    buffer = io.BytesIO()
-    torch.save(load_inception_state(path), buffer)
-    buffer.seek(0)
-    try:
-        module = NoTrainInceptionV3(name="inception-v3-compat", features_list=[dim],
-                                    feature_extractor_weights_path=buffer, antialias=True)
-    except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshaped tensors
-        raise ValueError(
-            f"pytest-diffeval: Inception weights file {path} does not fit torch-fidelity's Inception-v3 "
-            f"({str(exc)[:300]}); fix: use weights-inception-2015-12-05-6726825d.pth or its safetensors conversion"
-        ) from exc
+    module, path = inception_network([dim], weights)
     module.num_features = int(dim)  # torchmetrics then skips its dummy forward pass
     return module, f"{features}@sha256:{file_fingerprint(path)}"
 

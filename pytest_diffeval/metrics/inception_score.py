@@ -78,7 +78,7 @@ def _inception_logits() -> tuple[Any, str]:
     weights file and identity rules as FID's Inception features."""
     try:
         import torch_fidelity  # noqa: F401 - torchmetrics' Inception is torch-fidelity's network
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.image.fid import NoTrainInceptionV3  # noqa: F401 - needs torch-fidelity too
     except ImportError as exc:
         raise MissingDependencyError(
             "pytest-diffeval: inception_score's default classifier 'inception-v3' needs torchmetrics' Inception "
@@ -86,19 +86,10 @@ def _inception_logits() -> tuple[Any, str]:
             "and, offline, its weights file via --diffeval-inception-weights. Or pass classifier="
             "'checker:diffeval/tiny-checker' (offline, 16x16 digits) or an nn.Module returning logits."
         ) from exc
-    import io
-
-    import torch
-
     from ..fingerprints import file_fingerprint
-    from .fid import _inception_weights_file, load_inception_state
+    from .fid import inception_network
 
-    path = _inception_weights_file(settings.current().inception_weights)
-    buffer = io.BytesIO()  # torch-fidelity unpickles its weights: hand it tensors read safely, re-serialised here
-    torch.save(load_inception_state(path), buffer)
-    buffer.seek(0)
-    module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                                feature_extractor_weights_path=buffer, antialias=True)
+    module, path = inception_network(["logits_unbiased"], settings.current().inception_weights)
     return module, f"inception-v3-logits@sha256:{file_fingerprint(path)}"
 
 

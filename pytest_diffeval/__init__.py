@@ -1,49 +1,68 @@
 """pytest-diffeval: quality regressions of diffusion models fail like unit tests.
 
 Fixtures (``diffusion_pipeline``, ``generate``, ``diffeval_baseline``, ``diffeval_device``)
-come with the plugin; this module exports the helpers tests call.  Names are imported
-on first use, so loading the plugin does not import torch.
+come with the plugin; this module exports the helpers tests call.  None of these modules
+imports torch, diffusers, transformers or torchmetrics at module level (they are imported
+when a model is loaded or a metric computed), so loading the plugin stays cheap;
+``tests/test_imports.py`` checks it.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._version import __version__
+from .assertions import (
+    assert_clip_directional_similarity_at_least,
+    assert_clip_image_similarity_at_least,
+    assert_clip_score_at_least,
+    assert_fid_below,
+    assert_metric,
+)
+from .baselines import DiffevalBaseline
+from .exceptions import (
+    BaselineError,
+    DiffevalError,
+    MetricError,
+    MetricInputError,
+    NonFiniteMetricError,
+    PipelineNotFoundError,
+    TripwireError,
+    WeightsNotAvailableError,
+)
+from .generation import ImageSet, generate_images
+from .metrics import Metric, MetricResult, compute_metric, register_metric
+from .metrics.per_class import compute_per_class
+from .metrics.reference_stats import save_reference_statistics
+from .pipelines import load_pipeline
+from .prompts import PromptRecord, load_drawbench, load_parti_prompts
+from .verdicts import Comparison
 
-__version__ = "0.1.0"
-
-_EXPORTS = {
-    "assert_clip_score_at_least": "assertions",
-    "assert_clip_directional_similarity_at_least": "assertions",
-    "assert_clip_image_similarity_at_least": "assertions",
-    "assert_fid_below": "assertions",
-    "assert_metric": "assertions",
-    "BaselineError": "baselines",
-    "DiffevalBaseline": "baselines",
-    "ImageSet": "generation",
-    "generate_images": "generation",
-    "Metric": "metrics",
-    "MetricResult": "metrics",
-    "compute_metric": "metrics",
-    "register_metric": "metrics",
-    "MetricError": "metrics",
-    "MetricInputError": "metrics",
-    "NonFiniteMetricError": "metrics",
-    "compute_per_class": "metrics.per_class",
-    "save_reference_statistics": "metrics.reference_stats",
-    "PipelineNotFoundError": "pipelines",
-    "WeightsNotAvailableError": "pipelines",
-    "load_pipeline": "pipelines",
-    "Comparison": "verdicts",
-    "PromptRecord": "prompts",
-    "load_drawbench": "prompts",
-    "load_parti_prompts": "prompts",
-}
-
-__all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "__version__",
+    "assert_clip_score_at_least",
+    "assert_clip_directional_similarity_at_least",
+    "assert_clip_image_similarity_at_least",
+    "assert_fid_below",
+    "assert_metric",
+    "BaselineError",
+    "DiffevalBaseline",
+    "DiffevalError",
+    "ImageSet",
+    "generate_images",
+    "Metric",
+    "MetricResult",
+    "compute_metric",
+    "register_metric",
+    "MetricError",
+    "MetricInputError",
+    "NonFiniteMetricError",
+    "compute_per_class",
+    "save_reference_statistics",
+    "PipelineNotFoundError",
+    "TripwireError",
+    "WeightsNotAvailableError",
+    "load_pipeline",
+    "Comparison",
+    "PromptRecord",
+    "load_drawbench",
+    "load_parti_prompts",
+]

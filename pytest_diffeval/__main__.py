@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReviewError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. --out on a read-only or full disk
+        print(f"error: {exc.filename or ''}: cannot write ({exc.strerror or exc}); fix: choose an --out on a "
+              "writable disk with free space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

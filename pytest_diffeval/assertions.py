@@ -1,71 +1,15 @@
-"""Assertion helpers with absolute thresholds, and what every check shares: the record
-kept for reports and the failure that says what was measured and where the images are."""
+"""Assertion helpers with absolute thresholds (``assert_metric``, ``assert_clip_score_at_least``,
+``assert_fid_below``, ...); what every check shares lives in :mod:`.recording`."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from . import settings
+from . import tripwires as wires
 from .metrics import MetricResult, compute_metric
-
-
-def current_test_id(images: Any = None) -> str:
-    test_id = getattr(images, "test_id", None)
-    if test_id:
-        return test_id
-    current = os.environ.get("PYTEST_CURRENT_TEST", "")
-    return current.rsplit(" (", 1)[0] or "outside-pytest"
-
-
-def results_folder(test_id: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.\-\[\]]+", "_", test_id.replace("::", "__")).strip("._") or "test"
-    return Path(settings.current().results_dir) / safe[:180]
-
-
-def save_images(images: Any) -> Path | None:
-    """Save the run's images (once) under the results directory; return the folder."""
-    if images is None or not hasattr(images, "save"):
-        return None
-    if images.saved_to is None:
-        images.save(results_folder(current_test_id(images)))
-    return images.saved_to
-
-
-def record_check(test_id: str, result: MetricResult, images: Any, *, verdict: str, threshold: float | None = None,
-                 baseline_file: str | None = None, comparison: Any = None) -> dict[str, Any]:
-    """Keep one row per metric check for the terminal summary and reports."""
-    row: dict[str, Any] = {
-        "test": test_id, "metric": result.metric, "backbone": result.backbone, "value": result.value,
-        "higher_is_better": result.higher_is_better, "verdict": verdict, "threshold": threshold,
-        "baseline": comparison.baseline if comparison is not None else None,
-        "tolerance": comparison.tolerance if comparison is not None else None,
-        "delta": comparison.delta if comparison is not None else None,
-        "baseline_file": baseline_file,
-        "per_sample": None if result.per_sample is None else [float(v) for v in result.per_sample],
-        # For reports (metrics.json, HTML): sample i's prompt and seed, and the model's provenance.
-        "prompts": [str(p) for p in getattr(images, "prompts", None) or []] or None,
-        "seeds": [int(s) for s in getattr(images, "seeds", None) or []] or None,
-        "provenance": json.loads(json.dumps(getattr(images, "provenance", None) or {}, default=str)) or None,
-        "details": {k: v for k, v in result.details.items() if isinstance(v, (str, int, float, bool, list))},
-    }
-    if verdict not in {"pass", "improved", "recorded"} or settings.current().results_always:
-        row["images"] = str(save_images(images)) if images is not None else None
-    settings.current().records.append(row)
-    return row
-
-
-def fail(images: Any, message: str, *, error: type[Exception] = AssertionError) -> NoReturn:
-    """Raise ``error`` with ``message`` and the folder the images were saved to."""
-    __tracebackhide__ = True
-    folder = save_images(images)
-    where = f"\n  images of this run: {folder} (grid.png shows them all)" if folder else ""
-    raise error(f"pytest-diffeval: {message}{where}")
+from .recording import current_test_id, fail, record_check, results_folder, save_images  # noqa: F401 - re-exported
 
 
 def _per_prompt(images: Any, values: np.ndarray) -> dict[str, float]:
@@ -88,7 +32,6 @@ def assert_metric(images: Any, metric: str, *, at_least: float | None = None, at
     if at_least is None and at_most is None:
         raise ValueError("assert_metric needs at_least= and/or at_most=")
     if tripwires:
-        from . import tripwires as wires
 
         wires.check(images)
     result = compute_metric(metric, images, **options)
@@ -129,7 +72,6 @@ def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: A
     folder of images or a ``.safetensors`` statistics file) is below ``max_fid``."""
     __tracebackhide__ = True
     if tripwires:
-        from . import tripwires as wires
 
         wires.check(images)
     result = compute_metric("fid", images, reference=reference, features=features, **options)

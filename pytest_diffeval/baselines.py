@@ -21,12 +21,15 @@ import math
 import numbers
 import os
 import re
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 
 from syrupy.data import Snapshot, SnapshotCollection, SnapshotCollections
@@ -35,6 +38,10 @@ from syrupy.extensions.base import AbstractSyrupyExtension
 from . import settings
 from .metrics import MetricResult, compute_metric, get_metric
 from .verdicts import Comparison, compare_paired, compare_values
+from ._io import distinct_name  # noqa: F401 - re-exported
+from .exceptions import BaselineError, BaselineFormatError  # noqa: F401 - re-exported
+from .recording import fail, record_check
+from .hardware import compute_capability, hardware_entries, hardware_key, select_entry  # noqa: F401 - re-exported
 
 # 1: drift statistics beside the JSON as ``<test>.<metric>.<hw>.safetensors`` (still read).
 # 2: statistics content-addressed (``<test>.<metric>.<hw>.<sha16>.safetensors``) and named in the
@@ -46,22 +53,13 @@ NOISE_FACTOR = 3.0
 # Benign perturbations for --diffeval-calibrate, cycled: none of them changes the model.
 PERTURBATIONS = ({"threads": 1}, {"batch_size": 1}, {"threads": 2}, {"batch_size": 64})
 STALE_TMP_SECONDS = 3600  # a temp file this old (or whose writer is dead) was left by a killed run
+# A baseline is a handful of nested objects (checks > metric > hardware > entry > details):
+# deeper data is not one, and reading it must not hit Python's recursion limit later.
+MAX_DEPTH = 32
+# No number a baseline stores needs more digits than a float holds (about 1.8e308).
+MAX_INT_DIGITS = 309
+LOCK_TIMEOUT_SECONDS = 300  # a baseline folder's lock is held for milliseconds per write
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_SHA = re.compile(r"^[0-9a-f]{16}$")
-_CAPABILITY = re.compile(r"\(sm(\d{2,3})\)")
-
-
-class BaselineError(AssertionError):
-    """A baseline that is missing, unreadable or recorded under other conditions.
-    Always a failure: never a skip, never a silent comparison."""
-
-
-class BaselineFormatError(ValueError):
-    """A baseline file that cannot be parsed; ``newer`` when a newer pytest-diffeval wrote it."""
-
-    def __init__(self, reason: str, *, newer: bool = False) -> None:
-        super().__init__(reason)
-        self.newer = newer
 
 
 @dataclass
@@ -122,9 +120,20 @@ def state_path(baseline_file: Path, metric: str, key: str, sha: str | None = Non
     return baseline_file.with_name(f"{baseline_file.stem}.{metric}.{_slug(key)}{middle}.safetensors")
 
 
-def _sidecar_pattern(stem: str, metric: str) -> re.Pattern[str]:
-    """Every statistics file of ``metric`` of one baseline, old-style or content-addressed."""
-    return re.compile(rf"^{re.escape(stem)}\.{re.escape(metric)}\.[a-z0-9-]+(\.[0-9a-f]{{16}})?\.safetensors$")
+def _sidecar_pattern(stem: str, metric: str, *, escape: bool = True) -> re.Pattern[str]:
+    """Every statistics file of ``metric`` of one baseline, old-style or content-addressed
+    (``escape=False``: ``metric`` is a regular expression)."""
+    metric = re.escape(metric) if escape else metric
+    return re.compile(rf"^{re.escape(stem)}\.{metric}\.[a-z0-9-]+(\.[0-9a-f]{{16}})?\.safetensors$")
+
+
+def _content_addressed(path: Path) -> bool:
+    """A statistics file named by its content (``<...>.<sha16>.safetensors``) and holding it."""
+    match = re.search(r"\.([0-9a-f]{16})\.safetensors$", path.name)
+    try:
+        return bool(match) and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == match.group(1)
+    except OSError:
+        return False
 
 
 def _plain_sidecar_name(name: Any) -> bool:
@@ -206,15 +215,68 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock of one baselines folder (a test module's) across processes: every
+    read-modify-write of a baseline JSON, its statistics files and their clean-up runs under
+    it, so two concurrent ``--snapshot-update`` runs never leave a JSON naming a statistics
+    file the other deleted.  One lock per folder rather than per file, because the clean-up
+    of leftovers must see the folder's JSONs and statistics files together (a statistics file
+    is written before the JSON that names it).  The lock file lives in the temp folder, keyed
+    by the folder's real path, so nothing is added to the committed baselines (``flock``: a
+    killed holder releases it)."""
+    locks = Path(tempfile.gettempdir()) / f"pytest-diffeval-locks-{getattr(os, 'getuid', lambda: 'user')()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+    lock = filelock.FileLock(locks / f"{key}.lock", timeout=LOCK_TIMEOUT_SECONDS)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise BaselineError(f"pytest-diffeval: another run held the lock of {folder} for {LOCK_TIMEOUT_SECONDS} s "
+                            f"({lock.lock_file}); fix: let it finish, or end the stuck pytest process") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _bounded_int(text: str) -> int:
+    """``json``'s integer parser, refusing integers longer than any baseline number: past a
+    float's range they cannot be compared (``OverflowError``), and past Python's digit limit
+    ``int()`` itself refuses them."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise BaselineFormatError(f"it holds a {digits}-digit integer ({text[:10]}...), longer than any number a "
+                                  f"baseline stores (at most {MAX_INT_DIGITS} digits)")
+    return int(text)
+
+
+def _nesting_depth(data: Any) -> int:
+    """How deeply lists and objects nest in parsed JSON (iterative: no recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:  # deeper is refused anyway: stop counting there
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def read_baseline_file(path: Path) -> dict[str, Any]:
     """Parse and validate one baseline file; raise :class:`BaselineFormatError` (a
     ``ValueError``) saying what is wrong."""
+    too_deep = f"its lists and objects nest more than {MAX_DEPTH} levels deep, deeper than any baseline"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise BaselineFormatError(f"not valid JSON ({exc})") from None
     except UnicodeDecodeError as exc:
         raise BaselineFormatError(f"not UTF-8 text ({exc})") from None
+    except RecursionError:  # nested deeper than the parser's stack allows
+        raise BaselineFormatError(too_deep) from None
+    if _nesting_depth(data) > MAX_DEPTH:  # parsed, but deep enough to hit the limit in later code
+        raise BaselineFormatError(too_deep)
     if not isinstance(data, dict) or not isinstance(data.get("checks"), dict):
         raise BaselineFormatError("not a pytest-diffeval baseline (no 'checks' object)")
     if "format_version" not in data:
@@ -255,15 +317,21 @@ def remove_stale_tmp(baseline_file: Path) -> list[Path]:
     for tmp in baseline_file.parent.glob(".*.tmp"):
         if not tmp.name.lstrip(".").startswith(prefix):
             continue
-        match = re.search(r"\.(\d+)(?:\.\d+)?\.tmp$", tmp.name)
-        try:
-            old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
-        except OSError:
-            continue
-        if old or (match and not _pid_alive(int(match.group(1)))):
+        if _stale_tmp(tmp):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def _stale_tmp(tmp: Path) -> bool:
+    """A temp file left by a killed run: its writer (the pid in its name) is gone, or it is
+    older than :data:`STALE_TMP_SECONDS`."""
+    match = re.search(r"\.(\d+)(?:\.\d+)?\.tmp$", tmp.name)
+    try:
+        old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+    except OSError:
+        return False
+    return old or bool(match and not _pid_alive(int(match.group(1))))
 
 
 def _referenced_sidecars(baseline_file: Path, data: dict[str, Any]) -> set[str]:
@@ -288,6 +356,59 @@ def remove_stale_sidecars(baseline_file: Path, data: dict[str, Any] | None, metr
     for candidate in baseline_file.parent.glob(f"{glob.escape(baseline_file.stem)}.*.safetensors"):
         if candidate.name not in keep and any(p.match(candidate.name) for p in patterns):
             candidate.unlink(missing_ok=True)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """What killed updates left anywhere under ``root``, removed at the start of every
+    ``--snapshot-update`` session (not only when that test's baseline is rewritten): temp
+    files of dead writers or older than :data:`STALE_TMP_SECONDS`, and statistics files no
+    baseline JSON in their folder names.  Each folder is swept under its lock
+    (:func:`folder_lock`), so a concurrent run's statistics file, written just before the
+    JSON that names it, is never taken for a leftover.  Only files this plugin wrote go:
+    statistics files named after a baseline JSON beside them, or (the JSON gone) whose
+    name carries the hash of their content; files that may belong to a JSON this version
+    cannot read (corrupt, newer format) are kept, and so is any other ``.safetensors``
+    (a user's reference statistics)."""
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    folders = {p.parent for pattern in ("*.safetensors", ".*.tmp") for p in root.rglob(pattern)}
+    for folder in sorted(folders):
+        if folder_refusal(folder):
+            continue
+        try:
+            removed += _remove_leftovers_locked(folder)
+        except (OSError, BaselineError):
+            continue  # read-only or busy: the update's own write reports a real problem
+    return removed
+
+
+def _remove_leftovers_locked(folder: Path) -> list[Path]:
+    """:func:`remove_leftovers` for one folder, under its lock."""
+    removed: list[Path] = []
+    with folder_lock(folder):
+        named: set[str] = set()
+        readable: list[str] = []
+        unreadable: list[str] = []
+        for file in folder.glob("*.json"):
+            try:
+                named |= _referenced_sidecars(file, read_baseline_file(file))
+                readable.append(file.stem)
+            except (ValueError, OSError):
+                unreadable.append(file.stem + ".")
+        for candidate in folder.glob("*.safetensors"):
+            name = candidate.name
+            if name in named or any(name.startswith(u) for u in unreadable):
+                continue
+            if any(_sidecar_pattern(stem, "[A-Za-z0-9_.-]+", escape=False).match(name) for stem in readable) \
+                    or _content_addressed(candidate):
+                candidate.unlink(missing_ok=True)
+                removed.append(candidate)
+        for tmp in folder.glob(".*.tmp"):
+            if _stale_tmp(tmp):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def _canonical_safetensors(path: Path) -> None:
@@ -374,6 +495,20 @@ def orphaned_baselines(root: Path) -> list[Path]:
 # --------------------------------------------------------------------------- syrupy
 
 
+def folder_refusal(folder: Path) -> str | None:
+    """Why baselines must not be read or written in ``folder``, a folder inside the baselines
+    folder that leads out of it through a symbolic link (a write would land elsewhere), or
+    None.  A folder outside the baselines folder altogether (direct API use) is not judged."""
+    root = DiffevalBaselineExtension.root.resolve()
+    if not Path(os.path.abspath(folder)).is_relative_to(root) or folder.resolve().is_relative_to(root):
+        return None
+    inside = [p for p in (*reversed(folder.parents), folder) if p != root and p.is_relative_to(root)]
+    link = next((p for p in inside if p.is_symlink()), folder)
+    return (f"pytest-diffeval: baseline folder {link} is a symbolic link to {link.resolve()}, outside the baselines "
+            f"folder {root}; baselines are read and written only inside it.\n  fix: replace the link with a real "
+            f"folder holding the baselines, or point diffeval_baselines_dir (ini) at the folder the link leads to")
+
+
 class DiffevalBaselineExtension(AbstractSyrupyExtension):
     """A syrupy extension: one JSON collection per test, one snapshot per metric, compared
     with a tolerance (:meth:`matches` stores the :class:`Comparison` it made)."""
@@ -399,10 +534,9 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
             relative = test_file.relative_to(cls.rootdir.resolve())
         except ValueError:
             relative = Path(test_file.name)
-        directory = (cls.root / relative.with_suffix("")).resolve()
-        if not directory.is_relative_to(cls.root.resolve()):
-            raise BaselineError(f"pytest-diffeval: refusing a baseline directory outside {cls.root}: {directory}")
-        return str(directory)
+        # Not resolved: a symbolic link inside the baselines folder is refused where it is used
+        # (folder_refusal), one test module's failure, instead of breaking syrupy's session.
+        return str(cls.root.resolve() / relative.with_suffix(""))
 
     @staticmethod
     def _clean(name: str) -> str:
@@ -410,10 +544,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         ``ab`` both clean to ``ab``), a short hash of the original is appended so two tests
         never share a file; the file also stores its test id, checked on every read."""
         cleaned = "".join(c for c in name if c not in '\\/?*:|"<>' and c.isprintable())
-        cleaned = cleaned.lstrip(".") or "_"
-        if cleaned != name or len(cleaned) > 200:
-            cleaned = f"{cleaned[:190]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-        return cleaned
+        return distinct_name(cleaned.lstrip(".") or "_", name)
 
     @classmethod
     def get_file_basename(cls, *, test_location: Any, index: Any) -> str:
@@ -440,7 +571,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         the folder) is never claimed, so never deleted."""
         discovered = SnapshotCollections()
         directory = Path(self.dirname(test_location=test_location))
-        own = sorted(directory.glob("*.json")) if directory.is_dir() else []
+        own = sorted(directory.glob("*.json")) if directory.is_dir() and not folder_refusal(directory) else []
         others = [p for p in orphaned_baselines(self.root.resolve()) if p.parent != directory]
         for path in own + others:
             collection = self.read_snapshot_collection(snapshot_location=str(path))
@@ -476,10 +607,28 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
     def write_snapshot_collection(cls, *, snapshot_collection: SnapshotCollection, name_order: Any = None) -> None:
         """Crash-safe: new statistics files first (under new names), then the JSON atomically,
         then the statistics files it no longer names.  A run killed anywhere leaves the old
-        or the new baseline, each with its statistics."""
+        or the new baseline, each with its statistics.  Runs under the folder's lock (see
+        :func:`folder_lock`); a write the OS refuses (read-only folder, full disk) is a
+        :class:`BaselineError` naming the file, the OS error and the fix, never a silent pass."""
         path = Path(snapshot_collection.location)
         records = [dict(snapshot.data) for snapshot in snapshot_collection]
         test = next((r["_test"] for r in records if r.get("_test")), None)
+        refusal = folder_refusal(path.parent)
+        if refusal:
+            raise BaselineError(refusal)
+        try:
+            with folder_lock(path.parent):
+                cls._write_locked(path, records, test)
+        except OSError as exc:
+            rerun = f"pytest --snapshot-update {_node_for_cli(test)}" if test else "pytest --snapshot-update"
+            raise BaselineError(
+                f"pytest-diffeval: could not write baseline {path}: {exc}; nothing was recorded (the stored "
+                f"baseline, if any, is unchanged).\n  fix: make {path.parent} writable (or free space on its "
+                f"disk), then re-record with: {rerun}") from None
+
+    @classmethod
+    def _write_locked(cls, path: Path, records: list[dict[str, Any]], test: str | None) -> None:
+        """:meth:`write_snapshot_collection`'s steps, with the folder's lock held."""
         data = None
         if path.exists():
             try:
@@ -516,10 +665,22 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
             raise BaselineError(f"pytest-diffeval: refusing to write {path}: it would hold NaN or infinity, "
                                 "which no comparison can use; fix the run's non-finite values first") from None
         _atomic_write_text(path, text)
-        remove_stale_sidecars(path, data, set(data["checks"]))
-        remove_stale_tmp(path)
+        try:
+            remove_stale_sidecars(path, data, set(data["checks"]))
+            remove_stale_tmp(path)
+        except OSError:
+            pass  # the baseline is written; what is left is removed by the next update's remove_leftovers()
 
     def delete_snapshots(self, *, snapshot_location: str, snapshot_names: set[str]) -> None:
+        """Remove unused entries, under the folder's lock (:func:`folder_lock`); never in a
+        folder that leads outside the baselines folder."""
+        folder = Path(snapshot_location).parent
+        if folder_refusal(folder):
+            return
+        with folder_lock(folder):
+            self._delete_locked(snapshot_location=snapshot_location, snapshot_names=snapshot_names)
+
+    def _delete_locked(self, *, snapshot_location: str, snapshot_names: set[str]) -> None:
         path = Path(snapshot_location)
         try:
             data = read_baseline_file(path)
@@ -553,7 +714,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         (the noise must be stored) or its statistics file has a format-1 name (migrated)."""
         try:
             outcome = judge(serialized_data, snapshot_data, self.tolerance)
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
             outcome = Corrupt("", f"its entry cannot be compared ({type(exc).__name__}: {exc})")
         self.last_outcome = outcome
         if not isinstance(outcome, Comparison):
@@ -577,64 +738,6 @@ def _needs_migration(record: dict[str, Any], check: Any) -> bool:
     _, entry = select_entry(check, hardware_key(record.get("provenance", {})))
     details = entry.get("details") if isinstance(entry, dict) else None
     return isinstance(details, dict) and "statistics_file" not in details
-
-
-def hardware_key(provenance: dict[str, Any]) -> str:
-    """``"cpu/float32"`` or ``"cuda/<GPU name> (sm90)/float16"``: baselines keep one entry per
-    hardware, because numbers are not bit-identical across devices and dtypes."""
-    device_type = str(provenance.get("device") or "cpu").split(":")[0]
-    kind = provenance.get("device_kind") or device_type
-    dtype = str(provenance.get("dtype") or "unknown").replace("torch.", "")
-    return "/".join([device_type] + ([kind] if kind != device_type else []) + [dtype])
-
-
-def hardware_entries(check: dict[str, Any]) -> dict[str, Any]:
-    if "hardware" in check and isinstance(check["hardware"], dict):
-        return dict(check["hardware"])
-    return {hardware_key(check.get("provenance", {})): check} if "value" in check else {}
-
-
-def _split_key(key: str) -> tuple[str, str, str]:
-    """``(device type, device kind, dtype)`` of a hardware key."""
-    parts = key.split("/")
-    return parts[0], "/".join(parts[1:-1]) or parts[0], parts[-1]
-
-
-def compute_capability(kind: str) -> tuple[int, int] | None:
-    """``(major, minor)`` from a device kind like ``"NVIDIA H100 (sm90)"`` (``sm{major}{minor}``,
-    the minor is one digit: ``sm100`` is 10.0), or None."""
-    match = _CAPABILITY.search(kind)
-    if not match:
-        return None
-    digits = match.group(1)
-    return int(digits[:-1]), int(digits[-1])
-
-
-def select_entry(check: dict[str, Any], key: str) -> tuple[str | None, Any]:
-    """The stored entry that best matches this run's hardware, like diffusers'
-    ``Expectations``.  Only entries of the same device type qualify (a CPU run never uses a
-    GPU entry); among them, in order: the same dtype, the same device kind, the same major
-    compute capability, the nearest capability, then the first key alphabetically.  So an
-    H200 (sm90) fp16 run uses the H100 (sm90) fp16 entry, not the A100 (sm80) one."""
-    entries = hardware_entries(check)
-    if key in entries:
-        return key, entries[key]
-    device_type, kind, dtype = _split_key(key)
-    capability = compute_capability(kind)
-
-    def rank(candidate: str) -> tuple[Any, ...]:
-        _, other_kind, other_dtype = _split_key(candidate)
-        other = compute_capability(other_kind)
-        known = capability is not None and other is not None
-        distance = abs((other[0] * 10 + other[1]) - (capability[0] * 10 + capability[1])) if known else math.inf
-        return (other_dtype != dtype, other_kind != kind, not (known and other[0] == capability[0]), distance,
-                candidate)
-
-    candidates = [k for k in entries if _split_key(k)[0] == device_type]
-    if not candidates:
-        return None, None
-    best = min(candidates, key=rank)
-    return best, entries[best]
 
 
 @dataclass
@@ -764,7 +867,6 @@ class DiffevalBaseline:
         one that regressed."""
         __tracebackhide__ = True
         from . import tripwires as wires
-        from .assertions import fail
 
         metrics = [metric] if isinstance(metric, str) else list(metric)
         tolerances = resolve_tolerances(metrics, tolerance)
@@ -785,7 +887,11 @@ class DiffevalBaseline:
         return outcomes[0] if isinstance(metric, str) else outcomes
 
     def _refusal(self, updating: bool) -> str | None:
-        """Why this update must not write the baseline file (one a newer version wrote)."""
+        """Why this check must not use the baseline file: its folder leads outside the baselines
+        folder (a symbolic link), or this update would overwrite a file a newer version wrote."""
+        outside = folder_refusal(self.path.parent)
+        if outside:
+            return outside.removeprefix("pytest-diffeval: ")
         if not updating or not self.path.exists():
             return None
         try:
@@ -800,7 +906,6 @@ class DiffevalBaseline:
     def _check(self, images: Any, metric: str, tolerance: float | None,
                metric_options: dict[str, Any]) -> tuple[Any, str | None, type[Exception]]:
         """Compare one metric; return ``(comparison or None, failure message or None, error class)``."""
-        from .assertions import record_check
 
         if not _METRIC_NAME.match(metric):
             raise ValueError(f"pytest-diffeval: metric name {metric!r} may only hold letters, digits, '_', '.', '-'")
@@ -847,10 +952,21 @@ class DiffevalBaseline:
         matched = assertion == record
         outcome = extension.last_outcome
         comparison = outcome if isinstance(outcome, Comparison) else None
+        execution = assertion.executions.get(assertion.num_executions - 1)
+        error = execution.exception if execution is not None else None
+        if updating and error is not None:  # syrupy swallows what the write raised: nothing was recorded
+            record_check(self.test_id, result, images, verdict="not recorded", baseline_file=str(location),
+                         comparison=comparison)
+            reason = str(error) if isinstance(error, BaselineError) else (
+                f"could not record {metric} in {location}: {type(error).__name__}: {error}.\n  fix: restore the "
+                f"file from version control or delete it, then re-record with: {rerun}")
+            return None, reason.removeprefix("pytest-diffeval: "), BaselineError
         if updating:
-            record_check(self.test_id, result, images, verdict="pass" if matched and comparison else "recorded",
+            record_check(self.test_id, result, images, verdict=update_verdict(matched, outcome, execution),
                          baseline_file=str(location), comparison=comparison)
             return comparison, None, AssertionError
+        if error is not None and outcome is None:  # the stored entry broke the comparison itself
+            outcome = Corrupt("", f"its entry cannot be compared ({type(error).__name__}: {error})")
         if outcome is None or isinstance(outcome, NoEntry):
             hardware = (f" on this hardware ({outcome.key}; stored for: {', '.join(outcome.available)})"
                         if isinstance(outcome, NoEntry) else "")
@@ -878,6 +994,16 @@ class DiffevalBaseline:
             return outcome, (None if outcome.passed else regression_message(outcome, location, rerun)), AssertionError
         record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location))
         return None, message, BaselineError
+
+
+def update_verdict(matched: bool, outcome: Any, execution: Any) -> str:
+    """The verdict of a check under ``--snapshot-update``: ``"pass"`` when the stored entry
+    was kept (within tolerance), ``"updated"`` when an existing entry was rewritten (its
+    row keeps the replaced baseline and the change), ``"recorded"`` when there was none
+    for this hardware.  A rewritten regression is never a pass."""
+    if matched and execution is not None and not (execution.updated or execution.created):
+        return "pass"
+    return "recorded" if outcome is None or isinstance(outcome, NoEntry) else "updated"
 
 
 def resolve_tolerances(metrics: list[str], tolerance: Any) -> dict[str, float | None]:

@@ -2,23 +2,42 @@
 points, without importing torch: the caches key by them on every run, also on a warm
 rerun that must not pay for importing torch, transformers or diffusers.
 
-A file's hash is memoised per process under its ``(path, size, mtime)``, a folder's under
-the listing of its files' names, sizes and mtimes (like git's index): changing a file
-changes the hash, and an unchanged folder is read once per process.  As in git, a file
-modified in the last seconds is hashed again each time: within one clock tick a rewrite
-may keep both its size and its mtime.
+**What a fingerprint guarantees.**  A file's fingerprint is the sha256 of its bytes; a
+folder's is the sha256 of its (non-hidden) files' relative names and bytes, a file that is
+a symlink into the Hugging Face cache counting by its blob name (already the sha256 of its
+bytes).  Two files or folders with different content get different fingerprints (up to
+sha256 collisions in the 64 bits kept).  A file is read only when it may have changed: its
+hash is remembered in this process and on disk, under ``cache_dir/fingerprints`` (one JSON
+file per file or folder, replaced atomically), keyed by the resolved path and, for every
+file, its name, size, mtime (ns), inode, device and ctime (ns), and a symlink's target.
+Replacing a file's bytes, even with one of the same size and an old mtime restored by
+``touch -r`` or ``os.utime``, sets its ctime to the current time (the kernel does this on
+every write, rename or ``utime``, and ctime cannot be set back by a user), so the key no
+longer matches and the file is hashed again.  As in git, a file changed in the last
+``RACY_NS`` (2 s) is hashed every time and never remembered (within one clock tick a
+rewrite may keep its stat), and a file that changes while being hashed is not remembered.
+Not guaranteed: a file changed by writing the block device directly, by someone who can
+set the clock back, or on a filesystem that does not keep ctime.  On Windows, where
+``st_ctime`` is the creation time, nothing is remembered: every call hashes.  Anyone who can write the
+cache folder can also write a false memo (so a cache is shared only among trusted runs, as
+every other cache here).  ``--diffeval-no-cache`` (or no cache dir) skips the on-disk memo.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-_FILES: dict[tuple[str, int, int], str] = {}
-_FOLDERS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+from . import settings
+from ._io import atomic_write_text
+
+FORMAT = 1
+_MEMO: dict[tuple[str, str, str], str] = {}  # (kind, path, stat listing) -> hash, this process
+HASHED_BYTES = [0]  # bytes read to hash files in this process (for tests and benchmarks)
 
 
 def _listing(path: Path) -> list[tuple[Path, str]]:
@@ -41,48 +60,125 @@ def _blob_name(file: Path) -> str | None:
 RACY_NS = 2_000_000_000  # a file modified this recently is not memoised
 
 
-def _stat_key(file: Path) -> tuple[int, int]:
+def _stat_key(file: Path) -> tuple[Any, ...]:
+    """``(size, mtime_ns, inode, device, ctime_ns, symlink target)``: what must be unchanged
+    for a remembered hash to hold (ctime moves on every write and every ``utime``)."""
     stat = file.stat()
-    return stat.st_size, stat.st_mtime_ns
+    link = os.readlink(file) if file.is_symlink() else None
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns, link
 
 
-def _settled(*mtimes_ns: int) -> bool:
-    return time.time_ns() - max(mtimes_ns, default=0) > RACY_NS
+def _settled(stats: list[tuple[Any, ...]]) -> bool:
+    """Whether no file changed in the last ``RACY_NS`` (by mtime or ctime), so a remembered
+    hash may be used; never on Windows, whose ``st_ctime`` is not the change time."""
+    if os.name == "nt":
+        return False
+    newest = max((max(s[1], s[4]) for s in stats), default=0)
+    return time.time_ns() - newest > RACY_NS
+
+
+class FingerprintCache:
+    """Remembered hashes on disk, one JSON file per file or folder that carries its full
+    key (the stat listing); an entry whose key differs, or that cannot be read, is a miss."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, key: list[Any]) -> Path:
+        name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+        return self.directory / name[:2] / f"{name}.json"
+
+    def get(self, key: list[Any]) -> str | None:
+        try:
+            data = json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
+            return None
+        value = data.get("hash")
+        if not (isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value)):
+            return None
+        return value
+
+    def put(self, key: list[Any], value: str) -> None:
+        try:
+            atomic_write_text(self._path(key), json.dumps({"format": FORMAT, "key": key, "hash": value}))
+        except OSError:
+            pass  # a read-only or full cache costs a re-hash next time, nothing else
+
+
+def fingerprint_cache() -> FingerprintCache | None:
+    """The on-disk memo under ``settings.current().cache_dir`` (None without a cache dir or
+    with ``--diffeval-no-cache``)."""
+    current = settings.current()
+    if current.cache_dir is None or not current.result_cache:
+        return None
+    return FingerprintCache(Path(current.cache_dir) / "fingerprints")
+
+
+def _hash_file_into(digest: Any, file: Path) -> None:
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            HASHED_BYTES[0] += len(chunk)
+            digest.update(chunk)
+
+
+def _remembered(kind: str, path: Path, stats: Any, compute: Callable[[], str], restat: Callable[[], Any]) -> str:
+    """``compute()``, or the hash remembered for ``(kind, path, stats)`` in this process or
+    on disk; a fresh hash is remembered only when nothing changed recently or meanwhile."""
+    memo = (kind, str(path), json.dumps(stats))
+    if memo in _MEMO:
+        return _MEMO[memo]
+    settled = _settled([row[1:] for row in stats] if kind == "dir" else [stats])
+    disk = fingerprint_cache() if settled else None
+    key = [kind, str(path), json.loads(json.dumps(stats))]
+    found = disk.get(key) if disk is not None else None
+    if found is not None:
+        _MEMO[memo] = found
+        return found
+    value = compute()
+    if settled and restat() == stats:  # unchanged while it was read
+        _MEMO[memo] = value
+        if disk is not None:
+            disk.put(key, value)
+    return value
 
 
 def model_fingerprint(path: Path) -> str:
     """A content hash of a model directory (file names and bytes), so a changed weight
     file changes the identity even when the name does not.  Files that are symlinks into
-    the Hugging Face cache are identified by their blob name, which is already a hash."""
+    the Hugging Face cache are identified by their blob name, which is already a hash.
+    Remembered per process and on disk (see the module doc for the exact guarantee)."""
     path = Path(path)
     files = _listing(path)
-    memo = (str(path.resolve()), tuple((rel, *_stat_key(file)) for file, rel in files))
-    if memo not in _FOLDERS or not _settled(*(entry[2] for entry in memo[1])):
+
+    def listing() -> list[tuple[Any, ...]]:
+        return [(rel, *_stat_key(file)) for file, rel in files]
+
+    def compute() -> str:
         digest = hashlib.sha256()
         for file, rel in files:
             digest.update(rel.encode())
             blob = _blob_name(file)
             if blob is not None:
                 digest.update(blob.encode())
-                continue
-            with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        _FOLDERS[memo] = digest.hexdigest()[:16]
-    return _FOLDERS[memo]
+            else:
+                _hash_file_into(digest, file)
+        return digest.hexdigest()[:16]
+
+    return _remembered("dir", path.resolve(), listing(), compute, listing)
 
 
 def file_fingerprint(path: Path) -> str:
-    """A content hash of one file (16 hex digits)."""
+    """A content hash of one file (16 hex digits), remembered like a folder's."""
     path = Path(path)
-    memo = (str(path.resolve()), *_stat_key(path))
-    if memo not in _FILES or not _settled(memo[2]):
+
+    def compute() -> str:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _FILES[memo] = digest.hexdigest()[:16]
-    return _FILES[memo]
+        _hash_file_into(digest, path)
+        return digest.hexdigest()[:16]
+
+    return _remembered("file", path.resolve(), list(_stat_key(path)), compute, lambda: list(_stat_key(path)))
 
 
 def path_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -147,5 +243,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
         return None
 
 
-__all__ = ["array_digest", "file_fingerprint", "hub_snapshot", "model_fingerprint", "path_fingerprint",
+__all__ = ["FingerprintCache", "array_digest", "file_fingerprint", "fingerprint_cache", "hub_snapshot",
+           "model_fingerprint", "path_fingerprint",
            "resolve_model_dir"]

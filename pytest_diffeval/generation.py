@@ -8,14 +8,19 @@ import math
 import os
 import platform
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from ._version import __version__
 from .claims import release as release_claims
+from .identity import PipelineChangedWarning, execution_settings, pipeline_identity
 from .claims import try_claim, wait_for
+from .devices import call_with_oom_backoff, device_kind  # noqa: F401 - device_kind re-exported
+from .exceptions import InputError, PromptTruncatedWarning  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -180,7 +185,6 @@ def library_versions() -> dict[str, str]:
     import torchmetrics
     import transformers
 
-    from . import __version__
 
     return {
         "pytest_diffeval": __version__,
@@ -193,16 +197,63 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def device_kind(device: torch.device | str) -> str:
-    """``"cpu"`` or the GPU's name with its compute capability, e.g. ``"NVIDIA H100 (sm90)"``."""
-    import torch
+def execution_device(pipe: Any) -> Any:
+    """Where the pipeline computes: diffusers' ``_execution_device`` (the GPU of a pipeline
+    with CPU offload or a device map, whose ``pipe.device`` says ``cpu``), else ``pipe.device``.
+    Baselines are stored under this device's hardware key."""
+    try:
+        device = getattr(pipe, "_execution_device", None)
+    except Exception:  # noqa: BLE001 - a property of a custom pipeline that cannot tell
+        device = None
+    return device if device is not None else getattr(pipe, "device", "cpu")
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"{torch.cuda.get_device_name(index)} (sm{major}{minor})"
-    return device.type
+
+class GpuMeter:
+    """GPU seconds and peak GPU memory of the batches a generation ran (None on the CPU):
+    the clock is read after ``torch.cuda.synchronize`` so queued kernels are counted."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.seconds = 0.0
+        self.images = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __enter__(self) -> "GpuMeter":
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.seconds += time.perf_counter() - self._start
+
+    def fields(self) -> dict[str, Any]:
+        """``gpu_peak_memory_mb`` and ``gpu_s_per_image`` (None on the CPU or when nothing was generated)."""
+        import torch
+
+        if not self.cuda or not self.images:
+            return {"gpu_peak_memory_mb": None, "gpu_s_per_image": None}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return {"gpu_peak_memory_mb": round(peak, 1), "gpu_s_per_image": round(self.seconds / self.images, 4)}
+
+
+# Provenance fields of one run (how long, how much memory), not of the model: never part of a
+# cache key nor of the provenance memo.
+RUN_FIELDS = ("gpu_peak_memory_mb", "gpu_s_per_image")
 
 
 def pipeline_provenance(pipe: Any) -> dict[str, Any]:
@@ -211,10 +262,20 @@ def pipeline_provenance(pipe: Any) -> dict[str, Any]:
     if not base:
         name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
         base = {"model": name, "model_kind": "object", "model_path": None, "model_hash": None, "revision": None}
+    if base.get("model_hash") not in (None, "unknown"):
+        base["pipeline_id"] = pipeline_identity(pipe)  # re-identified when changed after loading
+        if base["pipeline_id"] is None:
+            warnings.warn(PipelineChangedWarning(
+                f"pytest-diffeval: the pipeline loaded from {base.get('model')!r} cannot be identified by content: a "
+                "load option or a change made after loading is neither a plain value, a path, a torch module with "
+                "its weights in this process, a scheduler nor a tokenizer; its images are not cached. fix: pass "
+                "modules as load options, e.g. diffusion_pipeline(MODEL, vae=my_vae), and plain values"),
+                stacklevel=3)
     scheduler = getattr(pipe, "scheduler", None)
-    device = getattr(pipe, "device", "cpu")
+    device = execution_device(pipe)
     return {
         **base,
+        "execution": execution_settings(pipe),
         "pipeline_class": type(pipe).__name__,
         "scheduler": type(scheduler).__name__ if scheduler is not None else None,
         "scheduler_config": _jsonable(dict(scheduler.config)) if scheduler is not None else None,
@@ -249,20 +310,33 @@ CLAIM_TIMEOUT_S = 1800.0  # a sample another live process claimed is waited for 
 
 class ImageCache:
     """Generated images on disk, one PNG per sample, keyed by everything that determines
-    it: model content hash (and a fused LoRA's), pipeline class, scheduler config, every
-    call argument and input image, prompt, seed, dtype, device kind and library versions.  Change one input and only the samples
-    it affects miss.  A corrupt entry is regenerated, never trusted; writes are atomic."""
+    it: model content hash (and a fused LoRA's), the pipeline identity (every load option,
+    module arguments by content, re-identified after a change; identity.py), the execution
+    settings (attention, torch.compile, TF32/cuDNN/determinism flags, watermark), pipeline
+    class, scheduler config, every call argument and input image, prompt, seed, dtype, device
+    kind and library versions.  Change one input and only the samples
+    it affects miss.  Writes are atomic.  Each PNG carries its key in a text chunk
+    (``diffeval_key``) and is read back only under that key, as 8-bit RGB: a swapped or
+    stale file, a corrupt one or one of another mode is a miss, regenerated, never
+    trusted.  A forged PNG written under its right key cannot be told apart: share a cache
+    only among trusted runs."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.hits = 0
         self.misses = 0
+        self.unwritable = False  # set (and warned about once) when an entry could not be written
 
     def key(self, provenance: dict[str, Any], call_kwargs: dict[str, Any], prompt: str, seed: int) -> str | None:
         if not provenance.get("model_hash") or provenance.get("model_hash") == "unknown":
             return None  # a pipeline object we cannot identify by content is never cached
+        if "pipeline_id" in provenance and not provenance["pipeline_id"]:
+            return None  # changed after loading in a way that cannot be identified by content
+        # pipeline_id: the source's content and every load option by content (identity.py);
+        # execution: attention processors, torch.compile, TF32/cuDNN/determinism flags, watermark
         material = {k: provenance.get(k) for k in ("model_hash", "revision", "pipeline_class", "scheduler",
-                                                    "scheduler_config", "dtype", "device_kind", "versions")}
+                                                    "scheduler_config", "dtype", "device_kind", "versions",
+                                                    "pipeline_id", "execution")}
         if provenance.get("lora"):  # fused LoRA weights change the model without changing its files
             material["lora"] = provenance["lora"]
         material.update(call_kwargs=_fingerprint(call_kwargs), prompt=prompt, seed=seed)
@@ -283,7 +357,11 @@ class ImageCache:
         try:
             with Image.open(self._path(key)) as image:
                 image.load()
-                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                if (image.format, image.mode, image.info.get("diffeval_key")) != ("PNG", "RGB", key):
+                    return None  # another sample's file (swapped or stale), or not one we wrote
+                if image.info.get("diffeval_nonfinite") not in ("0", "1"):
+                    return None
+                array = np.asarray(image, dtype=np.uint8)
                 nonfinite = image.info.get("diffeval_nonfinite") == "1"
         except Exception:  # noqa: BLE001 - a corrupt entry is a miss
             return None
@@ -296,12 +374,25 @@ class ImageCache:
         from PIL import Image, PngImagePlugin
 
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = PngImagePlugin.PngInfo()
         info.add_text("diffeval_nonfinite", "1" if nonfinite else "0")
+        info.add_text("diffeval_key", key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only or full cache disk: the image is still used, just not kept
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if not self.unwritable:
+                self.unwritable = True
+                warnings.warn(f"pytest-diffeval: cannot write to the image cache {self.directory}: "
+                              f"{type(exc).__name__}: {exc}; running without caching images; fix: free space or "
+                              f"make {self.directory} writable, or point --diffeval-cache-dir at a writable folder",
+                              UserWarning, stacklevel=2)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -320,9 +411,25 @@ _STOCHASTIC_SCHEDULERS = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "K
                           "DPMSolverSDEScheduler", "LCMScheduler", "TCDScheduler", "EDMEulerScheduler"}
 
 
-class InputError(ValueError):
-    """Inputs of a generation that do not fit the pipeline or each other (raised before
-    anything is generated)."""
+SEED_MAX = 2**63 - 1
+
+
+def check_seeds(seeds: Iterable[Any]) -> list[int]:
+    """The seeds as ints, each in ``[0, 2**63 - 1]``.  ``torch.Generator.manual_seed`` takes
+    ``[-2**63, 2**64 - 1]`` and maps a negative seed ``s`` to ``2**64 + s`` (so ``-1`` and
+    ``2**64 - 1`` make the same images but would count as two samples), and anything wider is
+    a bare overflow error; ``[0, 2**63 - 1]`` is the range where each seed is one generator
+    state and also fits the int64 the seeds are stored as."""
+    try:
+        values = [int(s) for s in seeds]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"pytest-diffeval: seeds must be integers ({exc}); fix: pass e.g. seeds=range(4)") from None
+    for seed in values:
+        if not 0 <= seed <= SEED_MAX:
+            raise InputError(f"pytest-diffeval: seed {seed} is outside [0, 2**63 - 1], the seeds that each give "
+                             "their own torch generator state (a negative seed s aliases 2**64 + s); "
+                             "fix: use seeds in that range, e.g. seeds=range(4)")
+    return values
 
 
 def _call_parameters(pipe: Any) -> set[str] | None:
@@ -337,6 +444,33 @@ def _call_parameters(pipe: Any) -> set[str] | None:
     return names or None
 
 
+PIXELS_FIX = "fix: save it as an 8- or 16-bit PNG, or as float pixels in [0, 1] without NaN or infinity"
+
+
+def read_pixels(image: Any, mode: str = "RGB", *, name: Any, error: type[Exception] = InputError) -> np.ndarray:
+    """A PIL image's pixels as uint8 ``(H, W, 3)`` (``mode="RGB"``) or ``(H, W)`` (``"L"``),
+    read faithfully: 16-bit and 32-bit integer greyscale (``I;16``, ``I``) are scaled by
+    1/257 (65535 -> 255), float greyscale (``F``) in [0, 1] by 255.  PIL's own ``convert``
+    clips those at 255 and turns NaN black, which silently changes a metric; a float image
+    with NaN or infinite pixels, or values outside its range, is ``error`` naming ``name``."""
+    kind = getattr(image, "mode", "")
+    if kind != "F" and not kind.startswith("I"):
+        return np.asarray(image.convert(mode), dtype=np.uint8)
+    values = np.asarray(image)
+    if kind == "F":
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            raise error(f"pytest-diffeval: {name} is a float image with {bad} NaN or infinite pixels; {PIXELS_FIX}")
+        scale, top, described = 255.0, 1, "a float image"
+    else:
+        scale, top, described = 1 / 257, 65535, f"an integer image (PIL mode {kind})"
+    if values.size and (values.min() < 0 or values.max() > top):
+        raise error(f"pytest-diffeval: {name} is {described} with pixels in [{values.min()}, {values.max()}], "
+                    f"outside [0, {top}]; {PIXELS_FIX}")
+    grey = np.rint(values.astype(np.float64) * scale).astype(np.uint8)
+    return grey if mode == "L" else np.repeat(grey[..., None], 3, axis=-1)
+
+
 def _to_array(item: Any, *, what: str, name: str, mode: str) -> np.ndarray:
     """One image (PIL, path or array) as uint8 ``(H, W, 3)``, or for ``mode="L"`` a
     binarised uint8 ``(H, W)`` mask (0 / 255)."""
@@ -348,11 +482,11 @@ def _to_array(item: Any, *, what: str, name: str, mode: str) -> np.ndarray:
             raise InputError(f"pytest-diffeval: {what}: {path} is not an image file (nor a folder of images)")
         try:
             with Image.open(path) as image:
-                item = image.convert(mode)
+                item = read_pixels(image, mode, name=f"{what}: {path}")
         except OSError as exc:
             raise InputError(f"pytest-diffeval: {what}: cannot read {path}: {exc}; fix: replace or remove it") from exc
     elif hasattr(item, "convert") and hasattr(item, "size"):  # PIL image
-        item = item.convert(mode)
+        item = read_pixels(item, mode, name=f"{what}: {name}")
     elif type(item).__name__ == "Tensor":
         raise InputError(f"pytest-diffeval: {what}: {name} is a torch.Tensor; pass PIL images, paths or uint8 numpy "
                          "arrays (e.g. tensor.permute(1, 2, 0).numpy())")
@@ -462,10 +596,6 @@ def _per_prompt(value: Any, *, what: str, count: int) -> list[Any] | None:
     return values
 
 
-class PromptTruncatedWarning(UserWarning):
-    """A prompt is longer than the pipeline's text encoder takes: its tail is cut."""
-
-
 def _token_count(tokenizer: Any, text: str) -> int | None:
     try:
         return len(tokenizer(text, truncation=False)["input_ids"])
@@ -556,7 +686,7 @@ def generate_images(
             if given[name] is not None:
                 raise InputError(f"pytest-diffeval: both {alias}= and {name}= were given; pass the images once")
             given[name] = call_kwargs.pop(alias)
-    seeds = [int(s) for s in seeds]
+    seeds = check_seeds(seeds)
     if not seeds:
         raise ValueError("pytest-diffeval: generate() got an empty seed list; pass e.g. seeds=range(4)")
     if batch_size < 1:
@@ -714,9 +844,10 @@ def generate_images(
             if unconditional and "batch_size" in params:
                 kwargs["batch_size"] = len(batch)
             generators = [torch.Generator("cpu").manual_seed(jobs[i][1]) for i in batch]
-            from .planning import call_with_oom_backoff  # CUDA OOM: halve the batch and retry
 
-            output = call_with_oom_backoff(pipe, generators, output_type="np", **kwargs)
+            with meter:
+                output = call_with_oom_backoff(pipe, generators, output_type="np", **kwargs)
+            meter.images += len(batch)
             raw = np.asarray(output.images, dtype=np.float32)
             if len(raw) != len(batch):
                 raise RuntimeError(f"pytest-diffeval: {pipe_name} returned {len(raw)} images for a batch of {len(batch)}")
@@ -727,6 +858,8 @@ def generate_images(
                     cache.misses += 1
                     cache.put(keys[index], image, bool(flag))
             release_claims([claimed.pop(i) for i in batch if i in claimed])
+
+    meter = GpuMeter(provenance.get("device") or "cpu")
 
     # Processes sharing the cache (xdist workers) claim each batch before generating it and
     # wait for samples another process claimed: they split shared samples, never make one twice.
@@ -790,7 +923,7 @@ def generate_images(
         prompts=[prompts[c] for c in job_cases],
         seeds=[s for _, s in jobs],
         call_kwargs=recorded,
-        provenance=provenance,
+        provenance={**provenance, **meter.fields()},
         test_id=test_id,
         nonfinite=[r[1] for r in results],
         inputs=inputs,

@@ -4,10 +4,8 @@
   test or a module, read at collection: the first ``generate`` call of a planned test
   generates the samples of every planned test (of its scheduling unit) in full batches, into
   the image cache (or an in-memory store without one); each test then reads its own.
-* :func:`call_with_oom_backoff` - a batch that runs out of CUDA memory is halved and retried.
 * :class:`ProvenanceMemo` - what a loaded pipeline's provenance was, on disk, so a rerun whose
   images are all cached does not load the pipeline at all.
-* :data:`COUNTERS` - hits and misses of the caches, for the ``-v`` summary.
 
 Nothing here imports torch at module level (the plugin imports this module in every run).
 """
@@ -19,44 +17,14 @@ import json
 import os
 import platform
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-# --------------------------------------------------------------------------- counters
-
-
-@dataclass
-class Counters:
-    """What the caches and plans did in this process (reset at each pytest session)."""
-
-    feature_hits: int = 0
-    feature_misses: int = 0
-    feature_dir: str | None = None
-    feature_cache_enabled: bool = True  # --diffeval-no-cache turns it off
-    plan_units: int = 0  # planned generations run (one per plan and scheduling unit)
-    plan_samples: int = 0  # samples those generated (cached ones excluded)
-    plan_batches: int = 0
-    plan_tests: int = 0  # planned tests whose generate() call the plan served
-    help_samples: int = 0  # samples an idle xdist worker made for planned tests of other workers
-    lazy_hits: int = 0  # generate() calls answered from the cache without loading the pipeline
-    result_hits: int = 0  # compute_metric calls answered from the result cache
-    result_misses: int = 0  # compute_metric calls that computed (cacheable or not)
-    result_dir: str | None = None
-    oom_backoffs: list[str] = field(default_factory=list)
-
-    def reset(self, *, feature_cache: bool = True) -> None:
-        for name, value in Counters().__dict__.items():
-            setattr(self, name, value)
-        self.feature_cache_enabled = feature_cache
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-COUNTERS = Counters()
-
+from ._version import __version__
+from .counters import COUNTERS, Counters  # noqa: F401 - re-exported
+from .devices import PER_SAMPLE_ARGUMENTS, call_with_oom_backoff  # noqa: F401 - re-exported
+from .fingerprints import model_fingerprint
 
 # --------------------------------------------------------------------------- plans
 
@@ -104,10 +72,13 @@ class Plan:
         batch_size = kwargs.pop("batch_size", None)
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"pytest-diffeval: {where}: diffeval_plan batch_size must be an int >= 1, got {batch_size!r}")
+        from .generation import check_seeds
+
         try:
-            seeds = tuple(int(s) for s in seeds)
-        except (TypeError, ValueError):
-            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan seeds must be ints, got {seeds!r}") from None
+            seeds = tuple(check_seeds(seeds))
+        except ValueError as exc:
+            raise ValueError(f"pytest-diffeval: {where}: diffeval_plan: {str(exc).removeprefix('pytest-diffeval: ')}"
+                             ) from None
         if not seeds:
             raise ValueError(f"pytest-diffeval: {where}: diffeval_plan got an empty seed list")
         return cls(os.fspath(model), tuple(dict.fromkeys(prompts)), seeds, kwargs, batch_size)
@@ -243,121 +214,6 @@ def memory_image_cache() -> Any:
     return MemoryImageCache()
 
 
-# --------------------------------------------------------------------------- OOM back-off
-
-_BATCH_LIMITS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # pipe -> batch that fit
-# Pipeline arguments generate_images builds per sample (one entry per image of the batch).
-PER_SAMPLE_ARGUMENTS = frozenset({"prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "class_labels",
-                                  "image", "mask_image", "example_image", "generator"})
-
-
-class _Output:
-    def __init__(self, images: Any) -> None:
-        self.images = images
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _free_cuda_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def call_with_oom_backoff(pipe: Any, generators: list[Any], **kwargs: Any) -> Any:
-    """``pipe(generator=generators, **kwargs)``; on CUDA out-of-memory the batch is split in
-    halves and retried (down to one image), each generator rewound to its state before the
-    failed try, so the images are those of an undisturbed run.  The size that worked is kept
-    for this pipeline's later batches and named in a warning.  Returns the pipeline's output
-    (or, after a split, an object whose ``images`` are the batch's images in order)."""
-    n = len(generators)
-    limit = min(n, _batch_limit(pipe) or n)
-    failed_at: int | None = None
-    parts: list[Any] = []
-    output: Any = None
-    start = 0
-    while start < n:
-        size = min(limit, n - start)
-        gens = list(generators[start : start + size])
-        states = [g.get_state() for g in gens]
-        try:
-            output = pipe(generator=gens, **_slice(kwargs, start, size, n))
-        except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled
-            if not _is_cuda_oom(exc):
-                raise
-            if size == 1:
-                exc.add_note(f"pytest-diffeval: CUDA out of memory even at batch size 1 on "
-                             f"{getattr(pipe, 'device', '?')}; fix: a smaller image size, float16 "
-                             "(--diffeval-dtype=float16) or a GPU with more free memory")
-                raise
-            del exc
-            for generator, state in zip(gens, states):
-                generator.set_state(state)
-            _free_cuda_memory()
-            failed_at = failed_at or size
-            limit = max(1, size // 2)
-            continue
-        parts.append(_images_of(output))
-        start += size
-    if failed_at is not None:
-        _set_batch_limit(pipe, limit)
-        message = (f"pytest-diffeval: CUDA out of memory at batch size {failed_at}; batch size {limit} worked and "
-                   f"is used for this pipeline's later batches (--diffeval-batch-size={limit} starts there)")
-        COUNTERS.oom_backoffs.append(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
-    return output if len(parts) == 1 else _Output(_concat(parts))
-
-
-def _batch_limit(pipe: Any) -> int | None:
-    try:
-        return _BATCH_LIMITS.get(pipe)
-    except TypeError:  # not weak-referenceable
-        return None
-
-
-def _set_batch_limit(pipe: Any, limit: int) -> None:
-    try:
-        _BATCH_LIMITS[pipe] = limit
-    except TypeError:
-        pass
-
-
-def _slice(kwargs: dict[str, Any], start: int, size: int, n: int) -> dict[str, Any]:
-    out = {}
-    for name, value in kwargs.items():
-        if name in PER_SAMPLE_ARGUMENTS and isinstance(value, (list, tuple)) and len(value) == n:
-            out[name] = list(value[start : start + size])
-        elif name == "batch_size" and value == n:  # unconditional pipelines take the batch size
-            out[name] = size
-        else:
-            out[name] = value
-    return out
-
-
-def _images_of(output: Any) -> Any:
-    return output.images if hasattr(output, "images") else output[0]
-
-
-def _concat(parts: list[Any]) -> Any:
-    import numpy as np
-
-    if type(parts[0]).__name__ == "Tensor":
-        import torch
-
-        return torch.cat(list(parts))
-    if isinstance(parts[0], list):
-        return [image for part in parts for image in part]
-    return np.concatenate([np.asarray(p) for p in parts])
-
-
 # --------------------------------------------------------------------------- lazy pipelines
 
 
@@ -365,7 +221,6 @@ def _versions() -> dict[str, str]:
     """Library versions without importing the libraries (what the memo is valid for)."""
     from importlib import metadata
 
-    from . import __version__
 
     out = {"pytest_diffeval": __version__, "python": platform.python_version()}
     for name in ("torch", "diffusers", "transformers", "torchmetrics", "numpy"):
@@ -386,24 +241,14 @@ def _code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _stat_listing(path: Path) -> list[tuple[str, int, int]]:
-    """``(name, size, mtime_ns)`` of the model's files: a changed weight file changes it
-    (like git's index, the content hash is recomputed only when this changes)."""
-    listing = []
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
-        stat = file.stat()
-        listing.append((rel, stat.st_size, stat.st_mtime_ns))
-    return listing
-
-
 class ProvenanceMemo:
-    """The provenance of pipelines loaded before, keyed by the model folder's file listing
-    (names, sizes, mtimes), the load options, library versions and this package's
-    generation code.  With it, the image-cache keys of a ``generate()`` call are known
-    without loading the pipeline, and a call whose samples are all cached loads nothing."""
+    """The provenance of pipelines loaded before, keyed by the model folder's content hash
+    (:func:`~pytest_diffeval.fingerprints.model_fingerprint`, remembered on disk under the
+    files' stat with ctime and inode, so a weights file replaced by one of the same size and
+    mtime is another key), the load options, library versions and this package's
+    generation code; each entry carries its key and is a miss under any other.  With it,
+    the image-cache keys of a ``generate()`` call are known without loading the pipeline,
+    and a call whose samples are all cached loads nothing."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -426,7 +271,7 @@ class ProvenanceMemo:
             path = _hub_snapshot(source, None)
             if path is None:
                 return None
-        material = {"source": source, "kind": kind, "path": str(path), "files": _stat_listing(path),
+        material = {"source": source, "kind": kind, "path": str(path), "content": model_fingerprint(path),
                     "dtype": dtype, "device": device, "versions": _versions(), "code": _code_digest()}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -440,16 +285,22 @@ class ProvenanceMemo:
             data = json.loads(self._path(key).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None  # absent or corrupt: load the pipeline
-        return data if isinstance(data, dict) and data.get("model_hash") else None
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None  # another entry's file (swapped or stale): load the pipeline
+        provenance = data.get("provenance")
+        return provenance if isinstance(provenance, dict) and provenance.get("model_hash") else None
 
     def put(self, key: str | None, provenance: dict[str, Any]) -> None:
         if key is None or key in self._stored:
             return
         self._stored.add(key)
+        from .generation import RUN_FIELDS
         from .report import atomic_write_text
 
+        provenance = {k: v for k, v in provenance.items() if k not in RUN_FIELDS}  # that run's, not the model's
         try:
-            atomic_write_text(self._path(key), json.dumps(provenance, sort_keys=True, default=str))
+            atomic_write_text(self._path(key), json.dumps({"key": key, "provenance": provenance}, sort_keys=True,
+                                                          default=str))
         except OSError:
             pass  # a read-only cache only costs a load next time
 

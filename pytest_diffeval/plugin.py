@@ -14,8 +14,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
+from ._version import __version__
 from . import settings
-from .baselines import DiffevalBaseline, DiffevalBaselineExtension
+from .baselines import DiffevalBaseline, DiffevalBaselineExtension, remove_leftovers
+from .exceptions import InputError
+from .identity import torch_flags
+from .pipelines import split_load_options
 from .planning import COUNTERS, Planner, ProvenanceMemo
 from .report import Outputs, summary_lines
 
@@ -116,6 +120,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("diffeval-baseline-images", "diffeval_baseline_images", "with --snapshot-update: also store thumbnails "
            "(<= 64 px) of the images beside each baseline, shown in the HTML report (true/false)", default="false",
            action="store_const", const="true")
+    option("diffeval-max-pipelines", "diffeval_max_pipelines", "loaded pipelines each process keeps: a number "
+           "(least recently used evicted beyond it) or auto (no count limit; on CUDA, least recently used pipelines "
+           "are evicted when the GPU's free memory is short for the next one)", default="auto")
+    option("diffeval-feature-dtype", "diffeval_feature_dtype", "precision of the FID/KID feature extractors: auto "
+           "(float32 on CUDA, float64 on the CPU), float32 or float64; statistics stay float64", default="auto")
     group.addoption("--diffeval-require-gpu", action="store_true", default=False,
                     help="fail (do not skip) when no CUDA GPU is available or a GPU test would be skipped")
     parser.addini("diffeval_baselines_dir", help="folder of stored baselines, relative to the rootdir",
@@ -127,19 +136,7 @@ def _value(config: pytest.Config, name: str) -> Any:
     return value if value is not None else config.getini(name)
 
 
-def _share_cpu_threads(config: pytest.Config) -> None:
-    """On an xdist worker, give torch its share of the cores (cores / workers) unless the
-    user chose: K workers each running one thread per core oversubscribe the CPU badly
-    (measured: a tiny model's batch took 3.2 s with 2 threads per worker on 2 cores vs
-    0.02 s with 1).  Set before torch is imported, which the plugin does lazily."""
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput and "OMP_NUM_THREADS" not in os.environ and "torch" not in sys.modules:
-        workers = int(workerinput.get("workercount", 1) or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    _share_cpu_threads(config)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and usually hub weights); skipped on the CPU "
                                        "with a reason, a failure under --diffeval-require-gpu")
     config.addinivalue_line("markers", "diffeval_plan(model, prompts, seeds=(0,), batch_size=None, **call_kwargs): "
@@ -150,6 +147,7 @@ def pytest_configure(config: pytest.Config) -> None:
     COUNTERS.reset(feature_cache=not config.getoption("diffeval_no_cache"))
     _PLANNER.collect(())
     _WORKER_COUNTERS.clear()
+    _CRASHED_WORKERS.clear()
     _TESTS_RUN[0] = 0
     shard = config.getoption("diffeval_shard")
     if shard:
@@ -163,6 +161,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_ENTRIES_DIR] = tempfile.mkdtemp(prefix="diffeval-sched-")
     if _is_worker(config):
         _limit_worker_threads(config)
+        if str(_value(config, "diffeval_device") or "auto").strip() in ("auto", "cuda"):
+            # Before any test (and so before the plugin initialises CUDA): see bind_worker_gpu.
+            settings.bind_worker_gpu(str(config.workerinput.get("workerid", "")))  # type: ignore[attr-defined]
     rootdir = Path(config.rootpath)
     cache_dir = _value(config, "diffeval_cache_dir")
     settings.configure(
@@ -178,12 +179,30 @@ def pytest_configure(config: pytest.Config) -> None:
         calibrate=int(config.getoption("diffeval_calibrate") or 0),
         result_cache=not config.getoption("diffeval_no_cache"),
         device_request=_value(config, "diffeval_device"),
+        max_pipelines=_max_pipelines(_value(config, "diffeval_max_pipelines")),
+        feature_dtype=str(_value(config, "diffeval_feature_dtype") or "auto"),
         records=[],
     )
+    try:
+        settings.feature_dtype("cpu")  # a bad --diffeval-feature-dtype is a usage error now, not at the first FID
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     DiffevalBaselineExtension.root = settings.current().baselines_dir
     DiffevalBaselineExtension.failed_tests = set()
     DiffevalBaselineExtension.rootdir = rootdir
     _ROWS.clear()
+
+
+def _max_pipelines(value: Any) -> int | None:
+    """``--diffeval-max-pipelines``: None for auto, else a positive count."""
+    text = str(value if value is not None else "auto").strip()
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise pytest.UsageError(f"pytest-diffeval: --diffeval-max-pipelines={text!r} (ini diffeval_max_pipelines) is "
+                                "not a positive number nor auto; fix: e.g. --diffeval-max-pipelines=1 to keep one "
+                                "loaded pipeline per process, or auto")
+    return int(text)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -199,9 +218,12 @@ _WORKER_COUNTERS: dict[str, dict[str, Any]] = {}  # on the xdist controller: eac
 def _limit_worker_threads(config: pytest.Config) -> None:
     """Share the CPU cores among xdist workers: K workers that each start one thread per
     core oversubscribe the CPU (on a 2-core machine, ``-n 2`` ran the release suite ~8x
-    slower than with one thread each)."""
-    import sys
-
+    slower than with one thread each; a tiny model's batch took 3.2 s with 2 threads per
+    worker vs 0.02 s with 1).  ``auto``: the CPUs this process may use (its affinity mask)
+    divided by the workers, unless the user set ``OMP_NUM_THREADS``; ``keep``: torch's own
+    choice; a number: that many.  The one place threads are set: ``OMP_NUM_THREADS`` before
+    torch is imported (the plugin imports it lazily), ``torch.set_num_threads`` if a conftest
+    imported it already."""
     value = str(_value(config, "diffeval_worker_threads") or "auto").strip()
     if value == "keep" or (value == "auto" and "OMP_NUM_THREADS" in os.environ):
         return
@@ -255,6 +277,33 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     counters = getattr(node, "workeroutput", {}).get("diffeval_counters")
     if counters:
         _WORKER_COUNTERS[str(node.gateway.id)] = counters
+    if error is not None and error != "keyboard-interrupt":  # the worker crashed
+        if not _CRASHED_WORKERS:
+            node.config.pluginmanager.register(_KeepBaselinesAfterCrash(), "diffeval-keep-baselines-after-crash")
+        _CRASHED_WORKERS.append(str(node.gateway.id))
+
+
+_CRASHED_WORKERS: list[str] = []  # on the xdist controller: workers that died
+
+
+class _KeepBaselinesAfterCrash:
+    """After a worker crash, syrupy's unused-baseline accounting is wrong: the dead worker
+    never sent its record of the baselines its tests used (its replacement sends one, so
+    syrupy's own missing-report check passes), and ``--snapshot-update`` deleted them as
+    unused.  So unused detection is off for that run (as syrupy does when reports are
+    missing) and the terminal says why."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(session.config.option, "disable_unused_snapshots"):
+            session.config.option.disable_unused_snapshots = True
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        workers = ", ".join(repr(w) for w in _CRASHED_WORKERS)
+        terminalreporter.write_line(
+            f"pytest-diffeval: worker {workers} crashed: unused-baseline detection skipped, no baseline deleted "
+            "(the dead worker's record of the baselines its tests used is lost); fix: fix the crash, then run "
+            "again to report or delete unused baselines", yellow=True)
 
 
 @pytest.hookimpl(trylast=True)
@@ -363,6 +412,7 @@ def _counters() -> dict[str, Any]:
         "tests": _TESTS_RUN[0],
         "cpu_s": round(time.process_time(), 1),
         "pipelines": dict(_PIPELINES.loads) if _PIPELINES is not None else {},
+        "evictions": dict(getattr(_PIPELINES, "evictions", {})) if _PIPELINES is not None else {},
         "backbones": dict(getattr(backbones, "LOADS", {}) or {}),
         "images": [_IMAGES.misses, _IMAGES.hits, str(_IMAGES.directory)] if _IMAGES is not None else None,
         **{k: v for k, v in COUNTERS.as_dict().items() if k != "oom_backoffs"},
@@ -381,6 +431,9 @@ def _counter_lines(where: str, counters: dict[str, Any]) -> list[str]:
         if backbones:
             loads += "; backbones " + ", ".join(f"{k}: {v}" for k, v in backbones.items())
         lines.append(loads)
+    if counters.get("evictions"):
+        lines.append(f"diffeval evictions in {where}: " + ", ".join(f"{k}: {v}" for k, v in counters["evictions"].items())
+                     + " (pipelines dropped to make room: --diffeval-max-pipelines, or GPU memory short)")
     if counters.get("images"):
         misses, hits, directory = counters["images"]
         line = f"diffeval images in {where}: {misses} generated, {hits} from the cache {directory}"
@@ -422,6 +475,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                                 "`nvidia-smi`, CUDA_VISIBLE_DEVICES and that `python -c \"import torch; "
                                 "print(torch.cuda.is_available())\"` prints True (a CUDA build of torch), or run "
                                 "without --diffeval-require-gpu to test on the CPU")
+    if settings.current().update_baselines and not _is_worker(session.config):
+        remove_leftovers(DiffevalBaselineExtension.root)  # what killed updates left, in every test's folder
 
 
 @pytest.hookimpl(wrapper=True)
@@ -530,7 +585,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if not _ROWS:
         return
-    from . import __version__
     from .report import write_outputs
 
     meta = {
@@ -596,7 +650,11 @@ def _override(source: Any) -> Any:
 @pytest.fixture
 def diffusion_pipeline(request: pytest.FixtureRequest, diffeval_device: str) -> Callable[..., Any]:
     """Factory: ``diffusion_pipeline(source, *, pipeline_class=None, dtype=None, device=None,
-    scheduler=None, **from_pretrained_kwargs)`` loads (once per worker) and returns a pipeline."""
+    scheduler=None, **load_options)`` loads (once per worker and identity) and returns a
+    pipeline.  Load options: ``variant=``, ``revision=``, module arguments (``vae=``,
+    ``unet=``, ``safety_checker=None``...), ``device_map=``, ``enable_model_cpu_offload=True``,
+    ``torch_compile=``, ``attention_backend=``, ``lora=`` and any other ``from_pretrained``
+    argument; each is part of the pipeline's identity (modules by their content)."""
 
     def load(source: Any, *, pipeline_class: Any = None, dtype: Any = None, device: str | None = None,
              scheduler: Any = None, **from_pretrained_kwargs: Any) -> Any:
@@ -613,7 +671,9 @@ def diffusion_pipeline(request: pytest.FixtureRequest, diffeval_device: str) -> 
 def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., Any],
              diffeval_device: str) -> Callable[..., ImageSet]:
     """Factory: ``generate(source_or_pipeline, prompts, *, seeds=(0,), batch_size=None,
-    **call_kwargs)`` returns an :class:`ImageSet`, one image per (prompt, seed).
+    **call_kwargs)`` returns an :class:`ImageSet`, one image per (prompt, seed).  With a
+    model name, the load options of ``diffusion_pipeline`` (``variant=``, ``vae=``,
+    ``safety_checker=None``, ``torch_compile=``...) may be given here too.
 
     Samples in the image cache are read, not generated; when all of a call's samples are
     cached the pipeline is not even loaded.  In a test with a ``diffeval_plan`` whose plan
@@ -621,7 +681,7 @@ def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., A
 
     def run(source_or_pipeline: Any, prompts: Any = None, *, seeds: Any = (0,), batch_size: int | None = None,
             **call_kwargs: Any) -> ImageSet:
-        from .generation import generate_images
+        from .generation import check_seeds, generate_images
         from .planning import ensure_plan, images_from_cache, memory_image_cache, plain_text_to_image
 
         nodeid = request.node.nodeid
@@ -632,26 +692,35 @@ def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., A
         disk = image_cache(request.config)
         cache = disk
         by_name = isinstance(source_or_pipeline, (str, os.PathLike))
+        load_options, call_kwargs = split_load_options(call_kwargs)
+        if load_options and not by_name:
+            raise InputError(f"pytest-diffeval: generate() got load options ({', '.join(sorted(load_options))}) with "
+                             "a pipeline that is already loaded; fix: pass them to diffusion_pipeline(MODEL, ...) or "
+                             "give generate() the model's name")
         loaded: list[Any] = []
 
         def pipe() -> Any:
             if not loaded:
-                loaded.append(diffusion_pipeline(source_or_pipeline) if by_name else source_or_pipeline)
+                loaded.append(diffusion_pipeline(source_or_pipeline, **load_options) if by_name
+                              else source_or_pipeline)
             return loaded[0]
 
-        memo = provenance_memo() if by_name and disk is not None else None
+        # the memo knows the provenance of a load without options only
+        memo = provenance_memo() if by_name and disk is not None and not load_options else None
         memo_key = None
         if memo is not None:
             dtype = str(_value(request.config, "diffeval_dtype") or "auto")
             memo_key = memo.key(os.fspath(_override(source_or_pipeline)), dtype, diffeval_device)
         plain = plain_text_to_image(prompts, call_kwargs)
-        seed_list = [int(s) for s in seeds]
+        seed_list = check_seeds(seeds)
 
         unit = _PLANNER.unit(nodeid)
         if unit is not None:
             plan = unit.plan
             if plain is None:
                 why: str | None = "the call is not a plain text-to-image call (input images, class labels)"
+            elif load_options:
+                why = f"it passes load options ({', '.join(sorted(load_options))}) the plan does not"
             elif by_name:
                 why = plan.mismatch(os.fspath(source_or_pipeline), plain, seed_list, call_kwargs)
             else:
@@ -672,6 +741,9 @@ def generate(request: pytest.FixtureRequest, diffusion_pipeline: Callable[..., A
         images = None
         if memo is not None and plain is not None and disk is not None:
             provenance = memo.get(memo_key)
+            flags = torch_flags()  # None: torch not imported here, so nothing changed its defaults
+            if provenance is not None and flags is not None and (provenance.get("execution") or {}).get("flags") != flags:
+                provenance = None  # TF32/cuDNN/determinism flags differ from the memo's run: other images
             if provenance is not None:
                 images = images_from_cache(disk, provenance, plain, seed_list, call_kwargs, nodeid)
         if images is None:

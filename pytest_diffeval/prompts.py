@@ -21,15 +21,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+from .exceptions import PromptSetNotFoundError  # noqa: F401 - re-exported
 
 PARTI_REPO = "nateraw/parti-prompts"
 PARTI_FILENAME = "PartiPrompts.tsv"
 DRAWBENCH_REPO = "sayakpaul/drawbench"
 PARTI_COLUMNS = ["Prompt", "Category", "Challenge", "Note"]
-
-
-class PromptSetNotFoundError(FileNotFoundError):
-    """A prompt set file that is neither local nor obtainable from the hub."""
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,17 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Iterable
+from ._io import atomic_write_bytes, atomic_write_text, inside  # noqa: F401 - re-exported
+from .exceptions import UnsafePath  # noqa: F401 - re-exported
+from .hardware import hardware_key, select_entry
 
 FORMAT_VERSION = 1
-PASSING = frozenset({"pass", "improved", "recorded"})  # verdicts that do not fail a test
+PASSING = frozenset({"pass", "improved", "recorded", "updated"})  # verdicts that do not fail a test
+# --snapshot-update wrote the baseline from this run: nothing was judged, and the baseline file
+# now holds this run's own numbers (an "updated" row keeps the replaced baseline and change).
+REWRITTEN = frozenset({"recorded", "updated"})
 THUMBNAIL_MAX = 384  # larger images are embedded downscaled (the PNGs on disk keep full size)
 DISPLAY_MIN = 128  # smaller images are shown upscaled by an integer factor (pixelated)
 STEP_SUMMARY_MAX_ROWS = 300
@@ -65,53 +71,6 @@ def reference(row: dict[str, Any]) -> str:
     if row.get("threshold") is not None:
         return (">= " if row.get("higher_is_better", True) else "<= ") + _fmt(row["threshold"])
     return "-"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a
-    killed run) sees the old file or the new one, never half of one."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """:func:`atomic_write_text` for bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class UnsafePath(ValueError):
-    """A file name read from a file (``samples.json``, ``metrics.json``, a thumbnail index)
-    that would lead outside the folder it must stay in."""
-
-
-def inside(folder: Path, name: Any, *, source: Path | str, what: str, fix: str) -> Path:
-    """``folder / name``, where ``name`` comes from the file ``source`` and must be a relative
-    path that stays inside ``folder``: no absolute path, no ``..``, and no symbolic link out of
-    it.  Anything else is :class:`UnsafePath` naming ``source``, the value and ``fix``: results
-    and baselines come from CI artifacts and pull requests, and a name like ``../../etc``
-    must never make the report read, or a merge copy or delete, anything outside."""
-    if not isinstance(name, str) or not name.strip() or "\x00" in name:
-        raise UnsafePath(f"{source}: {what} {name!r} is not a file name. Fix: {fix}")
-    posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
-        raise UnsafePath(f"{source}: {what} {name!r} is an absolute path; only names inside {folder} are read. "
-                         f"Fix: {fix}")
-    if ".." in posix.parts or ".." in windows.parts:
-        raise UnsafePath(f"{source}: {what} {name!r} contains '..'; only names inside {folder} are read. Fix: {fix}")
-    path = folder / name
-    resolved, root = path.resolve(), folder.resolve()
-    if resolved == root or not resolved.is_relative_to(root):
-        raise UnsafePath(f"{source}: {what} {name!r} resolves to {resolved}, outside {folder} (a symbolic link?). "
-                         f"Fix: {fix}")
-    return path
 
 
 def _by_test(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -161,11 +120,6 @@ def summary_lines(rows: list[dict[str, Any]], *, max_test_width: int = 70) -> li
     return lines
 
 
-def format_summary(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per metric check: test, metric, backbone, value, reference, delta, verdict."""
-    return [line for line, _ in summary_lines(rows)]
-
-
 # --------------------------------------------------------------------------- metrics.json
 
 
@@ -175,10 +129,6 @@ def baseline_entry(check: Any, provenance: dict[str, Any]) -> dict[str, Any] | N
     if not isinstance(check, dict):
         return None
     if isinstance(check.get("hardware"), dict):
-        try:
-            from .baselines import hardware_key, select_entry
-        except ImportError:  # a layout this version does not know: no per-sample baseline
-            return None
         _, entry = select_entry(check, hardware_key(provenance))
         return entry if isinstance(entry, dict) else None
     return check if "value" in check else None
@@ -192,7 +142,7 @@ class _BaselineSamples:
 
     def get(self, row: dict[str, Any]) -> dict[str, float]:
         path = row.get("baseline_file")
-        if not path or row.get("baseline") is None or row.get("verdict") == "recorded":
+        if not path or row.get("baseline") is None or row.get("verdict") in REWRITTEN:
             return {}
         if path not in self._files:
             try:
@@ -234,7 +184,7 @@ _CHECK_KEYS = ("test", "metric", "backbone", "value", "higher_is_better", "verdi
 def check_record(row: dict[str, Any], baselines: _BaselineSamples | None = None) -> dict[str, Any]:
     """One check as ``metrics.json`` stores it."""
     record = {key: row.get(key) for key in _CHECK_KEYS}
-    record["passed"] = not failed(row)
+    record["passed"] = None if row.get("verdict") == "updated" else not failed(row)  # updated: not judged
     record["samples"] = samples(row, baselines.get(row) if baselines else None)
     return record
 
@@ -253,7 +203,7 @@ def session_document(rows: list[dict[str, Any]], meta: dict[str, Any] | None = N
             "tests": len(tests),
             "failed_tests": sum(is_test_failed(r, outcomes.get(t)) for t, r in tests),
             "checks": len(checks),
-            "failed_checks": sum(not c["passed"] for c in checks),
+            "failed_checks": sum(c["passed"] is False for c in checks),
         },
         "tests": [{"test": t, "failed": is_test_failed(r, outcomes.get(t)), "outcome": outcomes.get(t),
                    "checks": [c["metric"] for c in r]} for t, r in tests],
@@ -282,8 +232,8 @@ def step_summary(rows: list[dict[str, Any]], *, report: Path | None = None, resu
     for row in ordered[:STEP_SUMMARY_MAX_ROWS]:
         mark = ":x:" if failed(row) else ":white_check_mark:"
         lines.append(f"| {mark} | `{_md(row.get('test'))}` | {_md(row.get('metric'))} | {_md(row.get('backbone'))} | "
-                     f"{_fmt(row.get('value'))} | "
-                     f"{_md(reference(row))} | {_signed(row.get('delta'))} | {_md(row.get('verdict'))} |")
+                     f"{_md(_fmt(row.get('value')))} | "
+                     f"{_md(reference(row))} | {_md(_signed(row.get('delta')))} | {_md(row.get('verdict'))} |")
     if len(ordered) > STEP_SUMMARY_MAX_ROWS:
         lines.append(f"\n... and {len(ordered) - STEP_SUMMARY_MAX_ROWS} more checks (see metrics.json)")
     if report or results_dir:
@@ -587,7 +537,7 @@ def _e(value: Any) -> str:
 def _verdict_class(verdict: str) -> str:
     if verdict not in PASSING:
         return "bad"
-    return {"improved": "better", "recorded": "recorded"}.get(verdict, "ok")
+    return {"improved": "better", "recorded": "recorded", "updated": "recorded"}.get(verdict, "ok")
 
 
 def _badge(verdict: str) -> str:
@@ -647,11 +597,11 @@ def _check_card(row: dict[str, Any], baselines: _BaselineSamples) -> str:
         body = []
         for p in prompts:
             cells = [f'<td class="prompt">{_e(p["prompt"])}</td>', f'<td class="num">{p["n"]}</td>',
-                     f'<td class="num">{_fmt(p["value"])}</td>']
+                     f'<td class="num">{_e(_fmt(p["value"]))}</td>']
             if has_base:
                 worse = (p["change"] < 0) == bool(row.get("higher_is_better", True)) and p["change"] != 0
-                cells += [f'<td class="num">{_fmt(p["baseline"])}</td>',
-                          f'<td class="num {"neg" if worse else "pos"}">{_signed(p["change"])}</td>']
+                cells += [f'<td class="num">{_e(_fmt(p["baseline"]))}</td>',
+                          f'<td class="num {"neg" if worse else "pos"}">{_e(_signed(p["change"]))}</td>']
             body.append("<tr>" + "".join(cells) + "</tr>")
         parts.append(f'<table class="per-prompt"><caption>per prompt, mean over seeds, worst {_e(order)} first'
                      f'</caption><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
@@ -668,7 +618,7 @@ def _display_width(width: int) -> int:
 def _baseline_file_of(checks: list[dict[str, Any]]) -> str | None:
     """The baseline file the checks were compared with (None when recorded in this run)."""
     return next((str(r["baseline_file"]) for r in checks if r.get("baseline_file") and r.get("baseline") is not None
-                 and r.get("verdict") != "recorded"), None)
+                 and r.get("verdict") not in REWRITTEN), None)
 
 
 def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _BaselineSamples,
@@ -699,7 +649,7 @@ def _image_grid(folder: _ImageFolder, checks: list[dict[str, Any]], baselines: _
                     continue
                 change = f" ({_signed(sample['change'])})" if "change" in sample else ""
                 cls = " bad" if failed(row) else ""
-                values.append(f'<span class="v{cls}">{_e(row["metric"])} {_fmt(sample["value"])}{_e(change)}</span>')
+                values.append(f'<span class="v{cls}">{_e(row["metric"])} {_e(_fmt(sample["value"]))}{_e(change)}</span>')
             label = f"seed {image.seed}" if image.seed is not None else image.file
             shown = _display_width(image.width)
             picture = (f'<img class="sample" src="{image.uri}" width="{shown}" '
@@ -741,9 +691,12 @@ def _provenance(rows: list[dict[str, Any]], call_kwargs: dict[str, Any]) -> str:
     if not provenance and not call_kwargs:
         return ""
     items = []
-    for key in ("model", "model_hash", "revision", "pipeline_class", "scheduler", "dtype", "device_kind"):
-        if provenance and provenance.get(key) is not None:
-            items.append((key, provenance[key]))
+    for key in ("model", "model_hash", "revision", "pipeline_id", "load_options", "pipeline_class", "scheduler",
+                "dtype", "device_kind", "execution",
+                "gpu_peak_memory_mb", "gpu_s_per_image"):  # the GPU figures: None (not shown) on the CPU
+        if provenance and provenance.get(key) not in (None, {}):
+            value = provenance[key]
+            items.append((key, json.dumps(value, sort_keys=True) if isinstance(value, dict) else value))
     if call_kwargs:
         items.append(("call kwargs", json.dumps(call_kwargs, sort_keys=True)))
     versions = (provenance or {}).get("versions") or {}
@@ -889,8 +842,8 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
             summary.append(f"<tr class='{status}' data-test='{_e(test)}'><td class='test'>"
                            f"<a href='#{anchor}'>{_e(test)}</a></td><td>{_e(row.get('metric'))}</td>"
                            f"<td class='muted'>{_e(row.get('backbone'))}</td>"
-                           f"<td class='num'>{_fmt(row.get('value'))}</td><td>{_e(reference(row))}</td>"
-                           f"<td class='num'>{_signed(row.get('delta'))}</td>"
+                           f"<td class='num'>{_e(_fmt(row.get('value')))}</td><td>{_e(reference(row))}</td>"
+                           f"<td class='num'>{_e(_signed(row.get('delta')))}</td>"
                            f"<td>{_badge(str(row.get('verdict')))}</td></tr>")
         folders: list[_ImageFolder] = []
         for folder in dict.fromkeys(r["images"] for r in checks if r.get("images")):

@@ -34,14 +34,31 @@ class Settings:
     calibrate: int = 0  # --diffeval-calibrate=N: benign re-runs per baseline check when recording
     result_cache: bool = True  # metric results under cache_dir/results (--diffeval-no-cache: off)
     records: list[dict[str, Any]] = field(default_factory=list)  # one per metric check
+    max_pipelines: int | None = None  # --diffeval-max-pipelines: loaded pipelines kept per process (None: by memory)
+    feature_dtype: str = "auto"  # --diffeval-feature-dtype: FID/KID feature extractor precision (see feature_dtype())
 
 
-_current = Settings()
+# The settings in force: the innermost active pytest session's (a pytester run inside a test
+# run pushes its own and pops them at its end), or the defaults outside pytest.
+_stack: list[Settings] = [Settings()]
 
 
 def current() -> Settings:
     """The settings in force now."""
-    return _current
+    return _stack[-1]
+
+
+def push(settings: Settings) -> int:
+    """Make ``settings`` active until :func:`pop` with the returned token (a pytest session's
+    configure/unconfigure; sessions end in the reverse order they start)."""
+    _stack.append(settings)
+    return len(_stack) - 1
+
+
+def pop(token: int) -> None:
+    """End what :func:`push` returned ``token`` for (and anything pushed after it); what was
+    active before is active again."""
+    del _stack[max(1, token):]
 
 
 _resolved: dict[str, str] = {}
@@ -52,7 +69,7 @@ def resolved_device() -> str:
     torch only then, and not at all for ``cpu``, or for ``auto`` on a machine without a GPU
     device node): ``auto`` is CUDA if there is one, xdist worker i taking GPU i mod G,
     else the CPU.  Asking for CUDA where there is none is an error that says so."""
-    request = (_current.device_request or "auto").strip()
+    request = (current().device_request or "auto").strip()
     if request == "cpu" or (request == "auto" and _no_gpu_driver()):
         return "cpu"  # without importing torch (seconds), which a fully cached rerun never needs
     if request not in _resolved:
@@ -71,7 +88,69 @@ def resolved_device() -> str:
             worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
             index = int(worker[2:]) if worker[2:].isdigit() else 0
             _resolved[request] = f"cuda:{index % torch.cuda.device_count()}"
+        if _resolved[request].startswith("cuda"):
+            # The current device too: whatever uses "the" GPU (enable_model_cpu_offload() without
+            # a device, torch.cuda.* calls without an index) then uses this worker's GPU, also when
+            # CUDA was initialised before bind_worker_gpu() could set CUDA_VISIBLE_DEVICES.
+            torch.cuda.set_device(torch.device(_resolved[request]).index or 0)
     return _resolved[request]
+
+
+def _gpu_ids(environ: dict[str, str]) -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries, found without
+    initialising CUDA: the entries of CUDA_VISIBLE_DEVICES if set, else one per NVIDIA
+    device node (/dev/nvidia0, /dev/nvidia1, ...)."""
+    import glob
+
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    nodes = [n for n in glob.glob("/dev/nvidia*") if n[len("/dev/nvidia"):].isdigit()]
+    return [str(i) for i in range(len(nodes))]
+
+
+def bind_worker_gpu(worker: str, environ: dict[str, str] | None = None) -> str | None:
+    """Give xdist worker ``gwI`` its own GPU, before CUDA is initialised, by narrowing
+    ``CUDA_VISIBLE_DEVICES`` to GPU I mod G (G = the GPUs visible to this process).
+
+    Why the environment and not only ``torch.cuda.set_device``: once set, the worker's CUDA
+    sees exactly one GPU, so *everything* lands there (``enable_model_cpu_offload()`` and
+    other code that defaults to GPU 0, ``device_map="auto"``/``"balanced"``, third-party
+    kernels, the CUDA context itself) and no worker allocates a context on another worker's
+    GPU.  It only works before CUDA is initialised in this process; if it already is (a
+    conftest that touched CUDA), nothing is changed and ``resolved_device()`` falls back to
+    ``torch.cuda.set_device`` on ``cuda:I mod G``.  Returns the chosen entry, or None when
+    nothing was bound (one or no GPU, or CUDA already initialised)."""
+    import os
+    import sys
+
+    environ = os.environ if environ is None else environ
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return None
+    ids = _gpu_ids(environ)
+    if len(ids) < 2:
+        return None
+    chosen = ids[int(worker[2:]) % len(ids)]
+    environ["CUDA_VISIBLE_DEVICES"] = chosen
+    environ["DIFFEVAL_BOUND_GPU"] = chosen  # provenance / diagnostics: which physical GPU this worker has
+    return chosen
+
+
+def feature_dtype(device: str) -> str:
+    """Precision of the FID/KID feature extractors (Inception, CLIP) on ``device``: the
+    configured ``float32``/``float64``, or for ``auto`` float32 on CUDA (float64 Inception is
+    many times slower on consumer and inference GPUs: L4, A10, RTX) and float64 on the CPU
+    (the numbers baselines were recorded with).  Statistics are accumulated in float64 either way."""
+    request = (current().feature_dtype or "auto").strip()
+    if request not in ("auto", "float32", "float64"):
+        raise ValueError(f"pytest-diffeval: --diffeval-feature-dtype={request!r} is not auto, float32 or float64; "
+                         "fix: pass one of those")
+    if request == "auto":
+        return "float32" if str(device).startswith("cuda") else "float64"
+    return request
 
 
 def _no_gpu_driver() -> bool:
@@ -90,10 +169,9 @@ def _no_gpu_driver() -> bool:
 
 def configure(**changes: Any) -> Settings:
     """Replace some settings (unknown names are an error) and return the new ones."""
-    global _current
     names = {f.name for f in dataclasses.fields(Settings)}
     unknown = set(changes) - names
     if unknown:
         raise TypeError(f"unknown pytest-diffeval setting(s) {sorted(unknown)}; known: {sorted(names)}")
-    _current = dataclasses.replace(_current, **changes)
-    return _current
+    _stack[-1] = dataclasses.replace(_stack[-1], **changes)
+    return _stack[-1]

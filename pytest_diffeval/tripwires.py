@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from .exceptions import TripwireError  # noqa: F401 - re-exported
+from .recording import fail
 
 FIX_NONFINITE = ("fix: run in float32 (--diffeval-dtype=float32) or keep the VAE in float32; "
                  "if float32 overflows too, check the weights for inf/NaN or huge values")
@@ -19,10 +21,6 @@ FIX_CONSTANT = "fix: check the VAE decode and the output range (output_type, sca
 FIX_IDENTICAL = ("fix: check that the text encoder's output reaches the UNet (encoder_hidden_states, "
                  "cross_attention_dim) and that the tokenizer does not map the prompts to the same ids")
 TURN_OFF = "if the images are meant to look like this, pass tripwires=False to this one assertion"
-
-
-class TripwireError(AssertionError):
-    """The images are broken in a way no metric should be asked to judge."""
 
 
 def _sample(images: Any, index: int) -> str:
@@ -72,7 +70,5 @@ def check(images: Any) -> None:
         return
     problems = find_problems(images)
     if problems:
-        from .assertions import fail
-
         fail(images, "tripwire: " + "\n  tripwire: ".join(problems) + f"\n  ({TURN_OFF})", error=TripwireError)
     images._tripwires_passed = True

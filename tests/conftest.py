@@ -20,6 +20,34 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+# Tests in the separate CI step (.ci/run runs it after the README's command): ``slow`` (full
+# ``pytest model_tests/`` runs, stress loops of tens of runs) and ``browser`` (the HTML report
+# in headless Chromium, which the README's command does not install).
+SEPARATE_STEP = ("slow", "browser")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without ``-m``, leave out the separate step's tests (named in the summary); ``-m slow``,
+    ``-m browser`` or ``-m "slow or browser"`` runs them."""
+    if config.option.markexpr:
+        return
+    separate = [item for item in items if any(item.get_closest_marker(name) for name in SEPARATE_STEP)]
+    if separate:
+        config.hook.pytest_deselected(items=separate)
+        items[:] = [item for item in items if item not in separate]
+        config.stash[_SEPARATE] = len(separate)
+
+
+_SEPARATE = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    count = config.stash.get(_SEPARATE, 0)
+    if count:
+        terminalreporter.write_line(f"{count} slow/browser tests deselected: run them with "
+                                    "pytest tests/ -n 2 -m 'slow or browser' (.ci/run does, after installing Chromium)")
+
+
 @pytest.fixture(autouse=True)
 def _not_an_xdist_worker_inside(monkeypatch: pytest.MonkeyPatch) -> None:
     """When this suite runs under ``-n``, the pytest runs its tests start (pytester
@@ -79,3 +107,15 @@ def user_project(pytester: pytest.Pytester, tiny_models: dict[str, Path]) -> pyt
         filterwarnings = ignore::FutureWarning
     """))
     return pytester
+
+
+@pytest.fixture
+def project(user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> pytest.Pytester:
+    """A user project with its own copy of the tiny model (so tests may perturb it)."""
+    model = user_project.path / "model"
+    shutil.copytree(tiny_models["pipe"], model)
+    user_project.makeconftest(textwrap.dedent(f"""
+        PIPE = {str(model)!r}
+        CLIP = {str(tiny_models["clip"])!r}
+    """))
+    return user_project

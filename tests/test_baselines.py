@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +38,6 @@ def darken(model: Path, amount: float = 1.0) -> None:
     tensors = load_file(str(file))
     tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"] - amount
     save_file(tensors, str(file), metadata={"format": "pt"})
-
-
-@pytest.fixture
-def project(user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> pytest.Pytester:
-    """A user project with its own copy of the tiny model (so tests may perturb it)."""
-    model = user_project.path / "model"
-    shutil.copytree(tiny_models["pipe"], model)
-    user_project.makeconftest(textwrap.dedent(f"""
-        PIPE = {str(model)!r}
-        CLIP = {str(tiny_models["clip"])!r}
-    """))
-    return user_project
 
 
 def write_test(project: pytest.Pytester, cases: int = 1, seeds: int = 2) -> None:

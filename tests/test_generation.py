@@ -120,6 +120,24 @@ def test_image_cache_regenerates_only_what_changed(pipe, tmp_path: Path) -> None
     assert np.abs(repaired.images.astype(int) - first.images.astype(int)).max() <= 2
 
 
+def test_an_image_cache_entry_swapped_or_not_ours_is_regenerated(pipe, tmp_path: Path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    from pytest_diffeval.generation import ImageCache
+
+    cache, counting = ImageCache(tmp_path / "images"), CountingPipe(pipe)
+    first = generate_images(counting, PROMPTS[:2], seeds=[0], cache=cache, num_inference_steps=2)
+    keys = [cache.key(first.provenance, {"num_inference_steps": 2}, prompt, 0) for prompt in PROMPTS[:2]]
+    shutil.copyfile(cache._path(keys[1]), cache._path(keys[0]))  # the other prompt's image in its place
+    again = generate_images(counting, PROMPTS[:2], seeds=[0], cache=cache, num_inference_steps=2)
+    assert counting.generated == 3  # a miss, regenerated, never served as this prompt's image
+    assert np.abs(again.images.astype(int) - first.images.astype(int)).max() <= 2
+    Image.fromarray(first.images[0][..., 0]).save(cache._path(keys[0]))  # a greyscale PNG without our key
+    assert cache.get(keys[0]) is None and cache.get(keys[1]) is not None
+
+
 def test_image_cache_key_follows_model_content(pipe) -> None:
     from pytest_diffeval.generation import ImageCache
 

@@ -140,3 +140,54 @@ def test_reference_statistics_file_gives_the_same_fid_and_is_refused_under_other
         compute_metric("fid", images, reference=tmp_path / "truncated.safetensors", features=features)
     with pytest.raises(ReferenceSetError, match=r"go to a .safetensors file, not .*stats.npz"):
         save_reference_statistics(reference, tmp_path / "stats.npz", features=features)
+
+
+def _rewrite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace a safetensors file's tensors, keeping its metadata (its key, its feature id)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_reference_statistics_cache_entry_swapped_or_misshapen_is_recomputed(tmp_path: Path) -> None:
+    n = 50
+    rng = np.random.default_rng(5)
+    table = np.concatenate([rng.multivariate_normal(MU_A, COV_A, 2 * n), rng.multivariate_normal(MU_B, COV_B, n)])
+    features, images = LookupFeatures(table), coded(range(2 * n, 3 * n))
+    entries = tmp_path / "cache" / "reference-stats"
+    fid_a = compute_metric("fid", images, reference=coded(range(n)), features=features)
+    [entry_a] = entries.glob("*.safetensors")
+    fid_b = compute_metric("fid", images, reference=coded(range(n, 2 * n)), features=features)
+    [entry_b] = set(entries.glob("*.safetensors")) - {entry_a}
+    assert fid_a.value != fid_b.value
+
+    entry_a.write_bytes(entry_b.read_bytes())  # b's statistics in a's place
+    again = compute_metric("fid", images, reference=coded(range(n)), features=features)
+    assert again.value == pytest.approx(fid_a.value, rel=1e-9) and again.details["reference"]["cached"] is False
+    assert compute_metric("fid", images, reference=coded(range(n)), features=features).details["reference"]["cached"]
+
+    _rewrite(entry_a, {"real_features_sum": torch.zeros(3, dtype=torch.float64),  # under a's key, 3 features of 4
+                       "real_features_cov_sum": torch.zeros(3, 3, dtype=torch.float64),
+                       "real_features_num_samples": torch.tensor(n)})
+    again = compute_metric("fid", images, reference=coded(range(n)), features=features)
+    assert again.value == pytest.approx(fid_a.value, rel=1e-9) and again.details["reference"]["cached"] is False
+
+
+def test_a_reference_statistics_file_of_the_wrong_shape_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from pytest_diffeval import save_reference_statistics
+    from pytest_diffeval.metrics.fid import ReferenceSetError
+
+    rng = np.random.default_rng(6)
+    table = rng.multivariate_normal(MU_A, COV_A, 60)
+    features = LookupFeatures(table)
+    path = save_reference_statistics(coded(range(30)), tmp_path / "stats.safetensors", features=features)
+    _rewrite(path, {"real_features_sum": torch.zeros(3, dtype=torch.float64),
+                    "real_features_cov_sum": torch.zeros(3, 3, dtype=torch.float64),
+                    "real_features_num_samples": torch.tensor(30)})
+    with pytest.raises(ReferenceSetError, match=r"reference statistics .*stats.safetensors hold shapes \(3,\), "
+                                                r"\(3, 3\), \(\) where \(4,\), \(4, 4\) and \(\) are needed; fix: "
+                                                r"write it again with pytest_diffeval.save_reference_statistics"):
+        compute_metric("fid", coded(range(30, 60)), reference=path, features=features)

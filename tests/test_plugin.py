@@ -180,3 +180,28 @@ def test_batch_size_below_one_is_refused_even_when_cached(user_project: pytest.P
     """)
     user_project.runpytest_subprocess().assert_outcomes(passed=1)
     user_project.runpytest_subprocess("--diffeval-batch-size=0").assert_outcomes(failed=1)
+
+
+@pytest.mark.parametrize("choice, expected", [("auto", "1"), ("keep", "None"), ("3", "3")])
+def test_worker_threads_one_limiter_that_honours_keep(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                      choice: str, expected: str) -> None:
+    """``--diffeval-worker-threads``: ``auto`` gives each of 2 workers its share of the CPUs this
+    process may use, ``keep`` leaves torch's own choice (no OMP_NUM_THREADS set), a number is used."""
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    expected = str(max(1, cpus // 2)) if choice == "auto" else expected
+    pytester.makepyfile(test_threads="""
+        import os
+        import pytest
+
+        @pytest.mark.parametrize("i", range(2))
+        def test_threads(i, worker_id):
+            with open(f"threads-{worker_id}.txt", "w") as handle:
+                handle.write(str(os.environ.get("OMP_NUM_THREADS")))
+    """)
+    result = pytester.runpytest_subprocess("-n", "2", f"--diffeval-worker-threads={choice}", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    seen = {path.read_text() for path in pytester.path.glob("threads-gw*.txt")}
+    assert seen == {expected}

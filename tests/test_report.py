@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 from filelock import FileLock
-from test_baselines import darken, project  # noqa: F401  (project: user_project with its own model copy)
+from test_baselines import darken
 
 USER_TEST = """
 import pytest
@@ -130,9 +130,13 @@ _SCENARIO: dict[str, Scenario] = {}
 
 
 @pytest.fixture
-def scenario(project: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
-             worker_id: str) -> Scenario:
+def scenario(project: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Scenario:
     """The recorded / failing serial / failing ``-n 2`` runs, made once per session."""
+    return shared_scenario(project, tmp_path_factory, worker_id)
+
+
+def shared_scenario(project: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Scenario:
+    """The scenario's runs, made by the first test (of any module, any worker) that asks."""
     if "scenario" not in _SCENARIO:
         shared = tmp_path_factory.getbasetemp()
         shared = shared.parent if worker_id != "master" else shared
@@ -347,6 +351,7 @@ def _check_rendered_report(run: Run) -> None:
     assert _json_attribute(filtered["data-failing-metrics"]) == failing
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(scenario: Scenario, tmp_path: Path) -> None:
     _check_rendered_report(scenario.serial)
     report = Path(scenario.serial.report).resolve()
@@ -365,6 +370,7 @@ def test_report_renders_in_headless_chromium(scenario: Scenario, tmp_path: Path)
                       report.as_uri())
 
 
+@pytest.mark.browser
 def test_xdist_report_renders_in_headless_chromium(scenario: Scenario) -> None:
     _check_rendered_report(scenario.parallel)
 

@@ -106,6 +106,28 @@ def test_a_corrupt_or_foreign_entry_is_recomputed_and_rewritten(cache: Path) -> 
     assert CALLS == ["rc_brightness"] * 5
 
 
+def test_an_entry_whose_arrays_were_changed_is_recomputed(cache: Path) -> None:
+    """The entry's metadata (its key, metric, value) kept, its arrays replaced: a wrong
+    dtype, an array its metadata does not list or a wrong shape is a miss, never a result."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    images = image_set(6)
+    expected = compute_metric("rc_brightness", images)
+    [entry] = cache.rglob("*.safetensors")
+    with safe_open(str(entry), "np") as handle:
+        metadata = handle.metadata()
+    per_sample = load_file(str(entry))["per_sample"]
+    for changed in ({"per_sample": per_sample.astype(np.int64)}, {"per_sample": per_sample, "state.extra": np.ones(3)},
+                    {"per_sample": per_sample[:2].copy()}):
+        save_file(changed, str(entry), metadata=metadata)
+        result = compute_metric("rc_brightness", images)
+        assert np.array_equal(result.per_sample, expected.per_sample) and result.per_sample.dtype.kind == "f"
+    assert CALLS == ["rc_brightness"] * 4  # each recomputed (and rewritten)
+    compute_metric("rc_brightness", images)
+    assert CALLS == ["rc_brightness"] * 4
+
+
 def test_no_cache_setting_and_unkeyable_options_bypass_it(cache: Path) -> None:
     images = image_set(5)
     settings.configure(result_cache=False)  # what --diffeval-no-cache sets

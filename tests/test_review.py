@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_baselines import project  # noqa: F401  (the scenario's fixture needs it)
-from test_report import FAILING, PASSING, Scenario, scenario  # noqa: F401
+from test_report import FAILING, PASSING, Scenario, shared_scenario
 
 from pytest_diffeval.__main__ import main
+
+
+@pytest.fixture
+def scenario(project: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Scenario:
+    """test_report's recorded / failing runs (made once per session, shared with it)."""
+    return shared_scenario(project, tmp_path_factory, worker_id)
 
 BASELINE = Path("baselines") / "test_user" / "test_alignment.json"
 

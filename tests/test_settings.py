@@ -20,6 +20,8 @@ def gpus(monkeypatch: pytest.MonkeyPatch):
     def resolve(request: str, *, count: int = 2, worker: str | None = None) -> str:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        resolve.current = []
+        monkeypatch.setattr(torch.cuda, "set_device", resolve.current.append)  # records the bound GPU
         if worker is None:
             monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
         else:
@@ -36,6 +38,7 @@ def gpus(monkeypatch: pytest.MonkeyPatch):
                                               ("gw2", "cuda:0"), ("gw3", "cuda:1")])
 def test_auto_spreads_xdist_workers_over_the_gpus(gpus, worker: str | None, expected: str) -> None:
     assert gpus("auto", count=2, worker=worker) == expected
+    assert gpus.current == [int(expected.split(":")[1])]  # the current device is the worker's GPU too
 
 
 def test_auto_with_one_gpu_puts_every_worker_on_it(gpus) -> None:

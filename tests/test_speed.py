@@ -315,11 +315,13 @@ SLOW_BATCHES = """
 
 
 def test_an_idle_worker_helps_generate_another_workers_planned_samples(user_project: pytest.Pytester,
-                                                                      tiny_models: dict[str, Path]) -> None:
+                                                                      tiny_models: dict[str, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """One planned test needs 32 samples (16 slow batches), the other 2: under ``-n 2`` the
     worker that finishes first takes batches of the big test's plan that its owner has not
     reached, so both workers generate and no sample is made twice; the big test's images
     are those of a serial run."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the serial run and each worker compute with one thread alike
     project = counting_project(user_project, tiny_models)
     conftest = project.path / "conftest.py"
     conftest.write_text("import time\n" + conftest.read_text() + textwrap.dedent(SLOW_BATCHES))

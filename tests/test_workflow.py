@@ -127,3 +127,17 @@ def test_each_check_catches_a_broken_workflow(broken: str) -> None:
     assert text.count(old) == 1, f"the template changed; update BROKEN[{broken!r}]"
     with pytest.raises(AssertionError):
         check_workflow(read_jobs(text.replace(old, new)))
+
+
+def test_template_runs_the_model_tests_offline_unless_asked_to_download() -> None:
+    """Issue 16 item 3: with the hub unreachable from the runner and HF_HUB_OFFLINE unset, each
+    cached model cost minutes of retries; the template runs its tests with HF_HUB_OFFLINE=1
+    and says so, and only a manual run with ``download`` ticked may reach the hub."""
+    text = WORKFLOW.read_text(encoding="utf-8")
+    workflow = yaml.safe_load(text)
+    [tests] = [s for s in workflow["jobs"]["model-tests"]["steps"] if re.search(r"\bpytest\b", str(s.get("run")))]
+    value = str((tests.get("env") or {}).get("HF_HUB_OFFLINE"))
+    assert value in ("1", "${{ inputs.download && '0' || '1' }}"), value
+    if "inputs.download" in value:  # PyYAML reads `on:` as True
+        assert workflow[True]["workflow_dispatch"]["inputs"]["download"]["default"] is False
+    assert "HF_HUB_OFFLINE=1:" in text  # the comment that explains it

@@ -20,65 +20,15 @@ images with the same options and backbones computes nothing.
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-
-
-class DiffevalInputError(Exception):
-    """Marker base of pytest-diffeval's own clear errors about a metric's input, options or
-    set-up (each names the value and the fix): ``compute_metric`` lets them through as they
-    are.  Combine it with the builtin type callers catch, e.g. ``(DiffevalInputError, ValueError)``."""
-
-    def __str__(self) -> str:  # KeyError's str() would quote the message
-        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
-
-
-class MetricInputError(DiffevalInputError, ValueError):
-    """An image set, option or reference a metric cannot use."""
-
-
-class MissingDependencyError(DiffevalInputError, ModuleNotFoundError):
-    """A package a metric needs is not installed (the message names what to install)."""
-
-
-class WeightsFileNotFoundError(DiffevalInputError, FileNotFoundError):
-    """A metric's weights file does not exist (the message names the file, the option and the fix)."""
-
-
-class UnknownMetricError(DiffevalInputError, KeyError):
-    """No metric is registered under the name asked for."""
-
-
-class MetricError(RuntimeError):
-    """An unexpected exception inside a metric, raised again naming the metric (the original
-    is its ``__cause__``).  Raised as a subclass that is also the original's type (a
-    ``ValueError`` stays catchable as one), see :func:`metric_error`."""
-
-    metric: str = ""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class NonFiniteMetricError(MetricError, ValueError):
-    """A metric gave NaN or inf: no verdict is given on such a value."""
-
-
-@dataclass
-class MetricResult:
-    """One metric measured on one image set."""
-
-    metric: str
-    value: float
-    backbone: str
-    higher_is_better: bool
-    per_sample: np.ndarray | None = None  # aligned with ImageSet.sample_keys
-    details: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] | None = None  # tensors a baseline keeps beside its JSON (drift's feature statistics)
+from ..counters import COUNTERS
+from ..fingerprints import resolve_model_dir
+from ..exceptions import DiffevalError, DiffevalInputError, MetricInputError, MissingDependencyError, WeightsFileNotFoundError, UnknownMetricError, MetricError, NonFiniteMetricError  # noqa: F401 - re-exported
+from .result import MetricResult  # noqa: F401 - re-exported
+from .result_cache import bound_options, reemit, result_cache, warning_records
 
 
 class Metric:
@@ -104,7 +54,6 @@ class Metric:
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """What besides the images and the code determines this call's result: the options
         bound to ``compute``, keyed by content (raises ``Unkeyable`` when one cannot be)."""
-        from .result_cache import bound_options
 
         return bound_options(self.compute, images, options)
 
@@ -128,8 +77,6 @@ class FunctionMetric(Metric):
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The function's options and its backbone (an embedded name or folder by its files)."""
-        from ..fingerprints import resolve_model_dir
-        from .result_cache import bound_options
 
         return {"options": bound_options(self.func, images, options),
                 "backbone": resolve_model_dir(self.backbone)[0]}
@@ -208,12 +155,10 @@ def compute_metric(name: str, images: Any, **options: Any) -> MetricResult:
     """Compute a registered metric, or read its result from the result cache when the
     metric is cacheable and nothing it depends on changed; an unexpected error names the
     metric."""
-    from ..planning import COUNTERS
 
     metric = get_metric(name)
     cache = key = None
     if metric.cacheable:
-        from .result_cache import reemit, result_cache
 
         cache = result_cache()
         key = cache.key(metric, images, options) if cache is not None else None
@@ -225,7 +170,6 @@ def compute_metric(name: str, images: Any, **options: Any) -> MetricResult:
     COUNTERS.result_misses += 1
     if key is None:
         return _compute(metric, images, options)
-    from .result_cache import warning_records
 
     caught: list[warnings.WarningMessage] = []
     try:
@@ -250,18 +194,10 @@ def _compute(metric: Metric, images: Any, options: dict[str, Any]) -> MetricResu
     return result
 
 
-# Clear input errors defined outside metrics/ (not DiffevalInputError subclasses): raised unchanged.
-_OWN_INPUT_ERRORS = (("pytest_diffeval.generation", "InputError"),
-                     ("pytest_diffeval.pipelines", "PipelineNotFoundError"))
-
-
 def _passes_through(exc: Exception) -> bool:
-    """The package's own input errors and errors that already name a metric (a derived
-    metric's inner one) are raised unchanged."""
-    if isinstance(exc, (DiffevalInputError, MetricError)):
-        return True
-    own = [getattr(sys.modules.get(module), cls, None) for module, cls in _OWN_INPUT_ERRORS]  # never imported here
-    return isinstance(exc, tuple(kind for kind in own if isinstance(kind, type)))
+    """The package's own errors (clear input errors, and errors that already name a metric,
+    e.g. a derived metric's inner one) are raised unchanged."""
+    return isinstance(exc, DiffevalError)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,23 +15,26 @@ from typing import Any, Callable
 import torch
 
 from .. import settings
+from ..counters import COUNTERS
+from ..devices import device_kind
+from ..exceptions import BackboneNotFoundError  # noqa: F401 - re-exported
+from ..fingerprints import hub_snapshot
 from ..fingerprints import resolve_model_dir  # noqa: F401 - also imported from here
-from . import DiffevalInputError
 
 LOADS: dict[str, int] = {}  # backbone id -> loads in this process
 _CACHE: dict[tuple[str, str], "ClipBackbone"] = {}
-
-
-class BackboneNotFoundError(DiffevalInputError, FileNotFoundError):
-    """A metric backbone (CLIP model, feature weights) could not be found."""
 
 
 class FeatureCache:
     """Backbone outputs on disk, one safetensors file per sample, keyed by the backbone's
     content id, what was computed (image or text features), the device kind, library
     versions and the content hash of the sample's processed input tensor.  Only the samples
-    not found are computed (in one batch); a corrupt entry is recomputed, never trusted;
-    writes are atomic (temporary file, then ``os.replace``)."""
+    not found are computed (in one batch); writes are atomic (temporary file, then
+    ``os.replace``).  Each entry carries its key and backbone in its metadata: an entry
+    under another key (a swapped or stale file), a corrupt one, one that is not a 1-D float
+    tensor or whose shape differs from the batch's is a miss, recomputed and rewritten,
+    never a result.  A forged entry written under its right key cannot be told apart:
+    share a cache only among trusted runs."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -53,11 +56,13 @@ class FeatureCache:
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as handle:
-                if (handle.metadata() or {}).get("backbone") != backbone:
-                    return None
-                return handle.get_tensor("features")
+                meta = handle.metadata() or {}
+                if (meta.get("key"), meta.get("backbone"), list(handle.keys())) != (key, backbone, ["features"]):
+                    return None  # another entry's file, or not one of ours
+                features = handle.get_tensor("features")
         except Exception:  # noqa: BLE001 - a corrupt entry is a miss
             return None
+        return features if features.dim() == 1 and features.is_floating_point() else None
 
     def put(self, key: str, backbone: str, features: torch.Tensor) -> None:
         from safetensors.torch import save_file
@@ -66,7 +71,8 @@ class FeatureCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp), metadata={"backbone": backbone})
+            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp),
+                      metadata={"backbone": backbone, "key": key})
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)  # a read-only or full cache costs a recomputation, not the test
@@ -75,22 +81,33 @@ class FeatureCache:
                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``compute(rows)``, with each row's output read from the cache when there and the
         rest computed in one call and stored."""
-        from ..planning import COUNTERS
 
         keys = [self.key(backbone, kind, row, context) for row in rows]
         found = {key: self.get(key, backbone) for key in dict.fromkeys(keys)}
-        missing = [key for key, value in found.items() if value is None]  # each distinct input once
-        COUNTERS.feature_hits += len(rows) - len(missing)
-        COUNTERS.feature_misses += len(missing)
+        if len({tuple(v.shape) for v in found.values() if v is not None}) > 1:
+            found = dict.fromkeys(found)  # entries that disagree in shape: recompute them all
         dtype = None
-        if missing:
+
+        def fill(missing: list[str]) -> torch.Tensor:
             first = {key: keys.index(key) for key in missing}
             selected = [first[key] for key in missing]
             computed = compute(rows if len(selected) == len(rows) else rows[selected])
-            dtype = computed.dtype
             for key, features in zip(missing, computed):
                 self.put(key, backbone, features)
                 found[key] = features
+            return computed
+
+        missing = [key for key, value in found.items() if value is None]  # each distinct input once
+        if missing:
+            computed = fill(missing)
+            dtype = computed.dtype
+            odd = [key for key, value in found.items()
+                   if tuple(value.shape) != tuple(computed.shape[1:])]  # type: ignore[union-attr]
+            if odd:  # cached entries of another shape than computed now: recompute them too
+                fill(odd)
+                missing += odd
+        COUNTERS.feature_hits += len(rows) - len(missing)
+        COUNTERS.feature_misses += len(missing)
         dtype = dtype or found[keys[0]].dtype  # type: ignore[union-attr]
         return torch.stack([found[key].to(device=rows.device, dtype=dtype) for key in keys])  # type: ignore[union-attr]
 
@@ -102,7 +119,6 @@ def feature_cache() -> FeatureCache | None:
     """The feature cache under ``settings.current().cache_dir`` (None without a cache dir or
     with ``--diffeval-no-cache``)."""
     global _FEATURES
-    from ..planning import COUNTERS
 
     directory = settings.current().cache_dir
     if directory is None or not COUNTERS.feature_cache_enabled:
@@ -123,7 +139,6 @@ def _context(device: Any) -> str:
 def _context_of(device: str) -> str:
     import transformers
 
-    from ..generation import device_kind
 
     return f"{device_kind(device)}|torch {torch.__version__}|transformers {transformers.__version__}"
 
@@ -246,7 +261,11 @@ def load_clip(name: str, device: str = "cpu") -> ClipBackbone:
         return _CACHE[key]
     from transformers import CLIPModel, CLIPProcessor
 
-    location = str(path) if path is not None else name
+    # A hub id whose snapshot is in the Hugging Face cache loads from that folder, so nothing
+    # asks the hub (with the hub unreachable and HF_HUB_OFFLINE unset, transformers would
+    # otherwise retry for minutes); only a hub id the cache does not hold goes to the hub.
+    snapshot = hub_snapshot(*backbone_id.split("@", 1)) if path is None and "@" in backbone_id else None
+    location = str(path) if path is not None else str(snapshot) if snapshot is not None else name
     try:
         model = CLIPModel.from_pretrained(location, use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(location)

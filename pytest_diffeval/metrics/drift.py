@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import settings
 from . import Metric, MetricResult
-from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, update_capturing_features
+from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, set_feature_precision, update_capturing_features
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -43,10 +43,8 @@ SPLITS = 20
 
 def _features(images: Any, features: Any, device: str, batch_size: int) -> tuple[Any, str, str, torch.Tensor]:
     """``(fid metric with these images as its real state, feature id, preprocessing, per-image features)``."""
-    import torch
-
     metric, feature_id, preprocessing = _feature_extractor(features, device)
-    metric = metric.to(device).set_dtype(torch.float64)
+    metric, preprocessing = set_feature_precision(metric.to(device), device, preprocessing)
     return metric, feature_id, preprocessing, update_capturing_features(metric, images, True, device, batch_size)
 
 

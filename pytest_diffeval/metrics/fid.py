@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
-from . import DiffevalInputError, Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
+from . import Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
+from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
+from ..fingerprints import array_digest
+from ..generation import read_pixels
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
@@ -21,10 +24,6 @@ if TYPE_CHECKING:  # imported where used: a cached result needs neither torch no
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-
-
-class ReferenceSetError(DiffevalInputError, ValueError):
-    """A reference image set or statistics file that cannot be used."""
 
 
 # torch-fidelity's Inception-v3 weights (TensorFlow's 2015-12-05 graph, converted); the file
@@ -159,6 +158,23 @@ def _feature_extractor(features: Any, device: str) -> tuple[FrechetInceptionDist
     raise ValueError(f"pytest-diffeval: unknown FID features {features!r}; use 'inception-v3-2048', 'clip:<model>' or an nn.Module")
 
 
+def set_feature_precision(metric: Any, device: str, preprocessing: str) -> tuple[Any, str]:
+    """Put ``metric``'s feature extractor in the precision :func:`settings.feature_dtype`
+    picks for ``device`` and return ``(metric, preprocessing)``, the latter naming float32
+    features (so cached float64 reference statistics are not mixed with them).
+
+    float64 converts the Inception weights too (torchmetrics' ``set_dtype``), the CPU
+    default; float32 leaves the network as loaded, the CUDA default (float64 convolutions
+    run at a small fraction of float32 speed on L4/A10/RTX cards).  The feature sums and
+    covariances are torchmetrics float64 states either way, and the Fréchet distance is
+    computed from them in float64."""
+    import torch
+
+    if settings.feature_dtype(device) == "float64":
+        return metric.set_dtype(torch.float64), preprocessing
+    return metric, f"{preprocessing}; float32 features"
+
+
 def _load_folder(folder: Path) -> Iterator[np.ndarray]:
     from PIL import Image, UnidentifiedImageError
 
@@ -171,13 +187,14 @@ def _load_folder(folder: Path) -> Iterator[np.ndarray]:
     for file in files:
         try:
             with Image.open(file) as image:
-                yield np.asarray(image.convert("RGB"), dtype=np.uint8)
+                pixels = read_pixels(image, "RGB", name=f"reference image {file}", error=ReferenceSetError)
+            yield pixels
         except (UnidentifiedImageError, OSError) as exc:
             raise ReferenceSetError(f"pytest-diffeval: cannot read reference image {file}: {exc}; fix: remove or replace the file") from exc
 
 
 def _folder_fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"read_pixels 2")  # how files become pixels (16-bit scaled since 2)
     for file in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         digest.update(file.name.encode())
         digest.update(file.read_bytes())
@@ -243,17 +260,15 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
     or a ``.safetensors`` statistics file), caching folder and ImageSet statistics on disk
     keyed by backbone, feature size, preprocessing, torchmetrics version and content."""
     import torchmetrics
-    from safetensors.torch import load_file
 
     if isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".safetensors"):
         path = Path(reference)
-        from .reference_stats import read_reference_statistics
 
-        tensors = read_reference_statistics(path, feature_id)
+        tensors = read_reference_statistics(path, feature_id, metric.real_features_sum.shape[0])
         source = {"kind": "statistics", "path": str(path)}
     else:
         if hasattr(reference, "images") and hasattr(reference, "sample_keys"):
-            content = hashlib.sha256(reference.images.tobytes()).hexdigest()[:16]
+            content = array_digest(reference.images)  # pixels, shape and dtype
             arrays: Any = iter(reference.images)
             source = {"kind": "imageset", "n": len(reference)}
         else:
@@ -263,18 +278,18 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
             content = _folder_fingerprint(folder)
             arrays = _load_folder(folder)
             source = {"kind": "folder", "path": str(folder)}
-        key = json.dumps([feature_id, metric.real_features_sum.shape[0], preprocessing, torchmetrics.__version__, content])
+
+        dims = metric.real_features_sum.shape[0]
+        key = json.dumps([feature_id, dims, preprocessing, torchmetrics.__version__, content])
         path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-        try:
-            tensors = load_file(str(path)) if path.is_file() else None
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
-            tensors = None
+        tensors = read_cached_statistics(path, key, dims)  # another key's, corrupt or misshapen: a miss
         source["cached"] = tensors is not None
         if tensors is None:
             _update_from_arrays(metric, arrays, True, device, batch_size)
             tensors = {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS}
-            _atomic_save(tensors, path, {"feature_id": feature_id, "preprocessing": preprocessing,
-                                         "torchmetrics": torchmetrics.__version__})
+            write_cached_statistics(tensors=tensors, path=path, key=key,
+                                    metadata={"feature_id": feature_id, "preprocessing": preprocessing,
+                                              "torchmetrics": torchmetrics.__version__})
     for name in STAT_KEYS:
         setattr(metric, name, tensors[name].to(device=getattr(metric, name).device, dtype=getattr(metric, name).dtype))
     source["n"] = int(tensors["real_features_num_samples"])
@@ -321,10 +336,11 @@ class FID(Metric):
         device = device or settings.resolved_device()
         features = features or settings.current().fid_features
         metric, feature_id, preprocessing = _feature_extractor(features, device)
-        metric = metric.to(device).set_dtype(torch.float64)
+        metric, preprocessing = set_feature_precision(metric.to(device), device, preprocessing)
         num_features = int(metric.real_features_sum.shape[0])
         source = reference_statistics(metric, feature_id, preprocessing, reference, device, batch_size)
         fake = update_capturing_features(metric, images, False, device, batch_size)
+        metric.orig_dtype = torch.float64  # torchmetrics casts the result to the features' dtype; keep float64
         value = float(metric.compute())
         if -1e-3 < value < 1e-9:  # float error on (near-)identical sets (either sign)
             value = 0.0
@@ -340,3 +356,83 @@ class FID(Metric):
             )
             warnings.warn("pytest-diffeval: " + details["warning"], UserWarning, stacklevel=3)
         return MetricResult(self.name, value, feature_id, False, details=details)
+
+
+CACHE_FORMAT = "pytest-diffeval reference statistics cache 1"  # of the reference statistics cache entries
+
+
+def read_reference_statistics(path: Path, feature_id: str, dims: int | None = None) -> dict[str, Any]:
+    """The tensors of a statistics file, if it was computed with ``feature_id`` (and holds
+    the state of ``dims`` features); a missing, unreadable, foreign or misshapen file is a
+    :class:`ReferenceSetError` that says how to make it."""
+    from safetensors import safe_open
+
+    remake = (f"pytest_diffeval.save_reference_statistics(<reference images>, {str(path)!r}, "
+              f"features={_features_hint(feature_id)!r})")
+    if not path.is_file():
+        raise ReferenceSetError(f"pytest-diffeval: reference statistics file {path} does not exist; fix: write it "
+                                f"with {remake}")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = (handle.metadata() or {}).get("feature_id")
+            tensors = {name: handle.get_tensor(name) for name in STAT_KEYS if name in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - truncated or not safetensors at all
+        raise ReferenceSetError(f"pytest-diffeval: cannot read reference statistics {path} ({type(exc).__name__}: "
+                                f"{exc}); fix: write it again with {remake}") from exc
+    if stored != feature_id:
+        raise ReferenceSetError(
+            f"pytest-diffeval: reference statistics {path} were computed with features {stored!r}, this check uses "
+            f"{feature_id!r}: FIDs from other features are not comparable; fix: pass "
+            f"features={_features_hint(stored)!r} if the file is right, or write it again with {remake}"
+        )
+    missing = [name for name in STAT_KEYS if name not in tensors]
+    if missing:
+        raise ReferenceSetError(f"pytest-diffeval: reference statistics {path} lack {missing}; fix: write it again "
+                                f"with {remake}")
+    problem = _shape_problem(tensors, dims)
+    if problem:
+        raise ReferenceSetError(f"pytest-diffeval: reference statistics {path} hold {problem}; fix: write it again "
+                                f"with {remake}")
+    return tensors
+
+
+def _shape_problem(tensors: dict[str, Any], dims: int | None) -> str | None:
+    """Why ``tensors`` cannot be FID's real-feature state of ``dims`` features (None: they can):
+    float sums of shape ``(d,)`` and ``(d, d)`` and a sample count of at least 2."""
+    total, cov, count = (tensors[name] for name in STAT_KEYS)
+    d = total.shape[0] if dims is None and total.dim() == 1 else dims
+    if tuple(total.shape) != (d,) or tuple(cov.shape) != (d, d) or count.numel() != 1:
+        return (f"shapes {tuple(total.shape)}, {tuple(cov.shape)}, {tuple(count.shape)} where "
+                f"({d},), ({d}, {d}) and () are needed")
+    if not (total.is_floating_point() and cov.is_floating_point()):
+        return f"dtypes {total.dtype}, {cov.dtype} where floating point is needed"
+    if not float(count.reshape(())) >= 2:
+        return f"a sample count of {float(count.reshape(()))} (at least 2 are needed)"
+    return None
+
+
+def read_cached_statistics(path: Path, key: str, dims: int) -> dict[str, Any] | None:
+    """The reference-statistics cache entry at ``path`` if it was written under ``key`` and
+    holds FID's state for ``dims`` features; else None (a miss, never a result)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            if (meta.get("format"), meta.get("key")) != (CACHE_FORMAT, key) or set(handle.keys()) != set(STAT_KEYS):
+                return None
+            tensors = {name: handle.get_tensor(name) for name in STAT_KEYS}
+    except Exception:  # noqa: BLE001 - absent, truncated or not safetensors at all: recomputed
+        return None
+    return None if _shape_problem(tensors, dims) else tensors
+
+
+def write_cached_statistics(path: Path, key: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write a reference-statistics cache entry that carries its key (atomically)."""
+    _atomic_save(tensors, path, {**metadata, "format": CACHE_FORMAT, "key": key})
+
+
+def _features_hint(feature_id: str | None) -> str | None:
+    """The ``features=`` value that gives ``feature_id``: its name without the ``@<hash>``
+    (a local CLIP folder: its folder name, to be given as the path)."""
+    return feature_id.split("@", 1)[0] if feature_id else feature_id

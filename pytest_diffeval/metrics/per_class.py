@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..exceptions import add_note
 from . import MetricInputError, MetricResult, compute_metric
 
 
@@ -55,8 +56,8 @@ def compute_per_class(metric: str, images: Any, reference: Any = None, **options
         try:
             result = compute_metric(metric, subset, **options, **extra)
         except Exception as exc:
-            exc.add_note(f"pytest-diffeval: while computing {metric!r} for the class {label!r} "
-                         f"({len(subset)} images)")
+            add_note(exc, f"pytest-diffeval: while computing {metric!r} for the class {label!r} "
+                          f"({len(subset)} images)")
             raise
         details = {**result.details, "class": label}
         if split is not None:

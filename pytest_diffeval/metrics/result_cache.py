@@ -18,9 +18,16 @@ only on their images, their options and the backbone they name.
 
 One safetensors file per result, written with ``safetensors.numpy`` (no pickle, no
 torch): per-sample values and ``state`` tensors as arrays, everything else as JSON in the
-file's metadata.  One file replaced atomically is whole or absent; a corrupt or foreign
-entry is recomputed and rewritten, never trusted.  Warnings the computation raised are
-stored and raised again on a hit.
+file's metadata.  One file replaced atomically is whole or absent.  Each entry carries its
+key (the sha256 of all the key material above), its metric's name and the name, dtype and
+shape of every array in its metadata, and is read back only when all of them match and the
+per-sample values are one float per image: an entry under another key (a swapped or stale
+file), a corrupt one or one whose arrays were changed is a miss, recomputed and rewritten,
+never a result.  What this does not guard against: someone who can write the cache folder
+can forge an entry under its right key with any value (a key is computable from public
+inputs, there is no secret), so a cache must be shared only among trusted runs (e.g. one
+CI cache per trusted branch, never restored from a fork's pull request).  Warnings the
+computation raised are stored and raised again on a hit.
 """
 
 from __future__ import annotations
@@ -39,9 +46,13 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import settings
+from .._version import __version__
+from ..counters import COUNTERS
+from ..devices import device_kind
+from .result import MetricResult
 from ..fingerprints import array_digest, hub_snapshot, path_fingerprint, resolve_model_dir
 
-FORMAT = 1
+FORMAT = 2  # 2: entries record their arrays' dtypes and shapes
 _VERSIONED = ("torch", "torchmetrics", "transformers", "diffusers", "torch-fidelity", "numpy", "safetensors")
 
 
@@ -60,7 +71,6 @@ def _versions() -> dict[str, str]:
     if not _MEMO.get("versions"):
         from importlib import metadata
 
-        from .. import __version__
 
         found = {"pytest_diffeval": __version__, "python": platform.python_version()}
         for name in _VERSIONED:
@@ -186,7 +196,6 @@ def _device_identity(device: Any) -> str:
     device = str(device)
     if device.split(":")[0] == "cpu":
         return "cpu"
-    from ..generation import device_kind
 
     return device_kind(device)
 
@@ -262,6 +271,11 @@ def reemit(records: list[dict[str, Any]]) -> None:
                                int(record.get("lineno", 0)))
 
 
+def _array_spec(arrays: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    """Each array's dtype and shape, as stored in an entry and checked on read."""
+    return {name: [str(value.dtype), list(value.shape)] for name, value in sorted(arrays.items())}
+
+
 def warning_records(caught: list[warnings.WarningMessage]) -> list[dict[str, Any]]:
     out = []
     for item in caught:
@@ -293,7 +307,6 @@ class ResultCache:
 
     def get(self, key: str, metric: str, n_images: int) -> tuple[Any, list[dict[str, Any]]] | None:
         """``(result, warnings it raised)``, or None when absent, corrupt or not this entry."""
-        from . import MetricResult
 
         path = self._path(key)
         if not path.is_file():
@@ -305,9 +318,11 @@ class ResultCache:
                 meta = json.loads((handle.metadata() or {})["result"])
                 arrays = {name: handle.get_tensor(name) for name in handle.keys()}
             if (meta["format"], meta["key"], meta["metric"]) != (FORMAT, key, metric):
-                return None
+                return None  # another entry's file (swapped or stale), or another format
+            if _array_spec(arrays) != meta["arrays"]:
+                return None  # arrays replaced inside the file
             per_sample = arrays.pop("per_sample", None)
-            if per_sample is not None and per_sample.shape != (n_images,):
+            if per_sample is not None and (per_sample.shape != (n_images,) or per_sample.dtype.kind != "f"):
                 return None
             state = None
             if meta["state"] is not None:
@@ -335,6 +350,7 @@ class ResultCache:
         except (TypeError, ValueError, AttributeError, RuntimeError):
             return
         meta = {"format": FORMAT, "key": key, "metric": result.metric, "value": float(result.value),
+                "arrays": _array_spec(arrays),
                 "backbone": result.backbone, "higher_is_better": bool(result.higher_is_better),
                 "details": result.details, "state": state_meta, "warnings": caught}
         if not (_json_exact(result.details) and _json_exact(state_meta)):
@@ -358,7 +374,6 @@ def result_cache() -> ResultCache | None:
     """The cache under ``settings.current().cache_dir`` (None without a cache dir or with
     ``--diffeval-no-cache``)."""
     global _CACHE
-    from ..planning import COUNTERS
 
     current = settings.current()
     if current.cache_dir is None or not current.result_cache:

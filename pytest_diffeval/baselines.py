@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,17 +32,19 @@ from typing import Any
 
 import filelock
 import numpy as np
-
 from syrupy.data import Snapshot, SnapshotCollection, SnapshotCollections
 from syrupy.extensions.base import AbstractSyrupyExtension
 
 from . import settings
-from .metrics import MetricResult, compute_metric, get_metric
-from .verdicts import Comparison, compare_paired, compare_values
+from . import tripwires as wires
 from ._io import distinct_name  # noqa: F401 - re-exported
 from .exceptions import BaselineError, BaselineFormatError  # noqa: F401 - re-exported
-from .recording import fail, record_check
 from .hardware import compute_capability, hardware_entries, hardware_key, select_entry  # noqa: F401 - re-exported
+from .metrics import MetricResult, compute_metric, get_metric
+from .metrics.drift import file_sha256, save_statistics
+from .recording import fail, record_check
+from .report import atomic_write_text, record_baseline_images
+from .verdicts import Comparison, compare_paired, compare_values
 
 # 1: drift statistics beside the JSON as ``<test>.<metric>.<hw>.safetensors`` (still read).
 # 2: statistics content-addressed (``<test>.<metric>.<hw>.<sha16>.safetensors``) and named in the
@@ -210,8 +213,6 @@ def entry_problem(metric: str, key: str, entry: Any) -> str | None:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Temp file, fsync, rename (report.py's writer; a module attribute so tests can kill a
     run right at the write)."""
-    from .report import atomic_write_text
-
     atomic_write_text(path, text)
 
 
@@ -425,8 +426,6 @@ def _canonical_safetensors(path: Path) -> None:
 def write_statistics(baseline_file: Path, metric: str, key: str, state: dict[str, Any]) -> tuple[Path, str]:
     """Write a metric's state under its content-addressed name (never over the file the
     current JSON names) and return ``(path, sha16)``."""
-    from .metrics.drift import file_sha256, save_statistics
-
     staging = baseline_file.with_name(f".{baseline_file.stem}.{metric}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
         save_statistics(state, staging)
@@ -499,7 +498,7 @@ def folder_refusal(folder: Path) -> str | None:
     """Why baselines must not be read or written in ``folder``, a folder inside the baselines
     folder that leads out of it through a symbolic link (a write would land elsewhere), or
     None.  A folder outside the baselines folder altogether (direct API use) is not judged."""
-    root = DiffevalBaselineExtension.root.resolve()
+    root = settings.current().baselines_dir.resolve()
     if not Path(os.path.abspath(folder)).is_relative_to(root) or folder.resolve().is_relative_to(root):
         return None
     inside = [p for p in (*reversed(folder.parents), folder) if p != root and p.is_relative_to(root)]
@@ -515,9 +514,6 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
 
     file_extension = "json"
     write_immediately = True
-    root: Path = Path("baselines")  # set by the plugin from ini ``diffeval_baselines_dir``
-    rootdir: Path = Path.cwd()  # the pytest rootdir, to mirror test paths under ``root``
-    failed_tests: set[str] = set()  # set by the plugin: their unused baselines are kept, not deleted
 
     def __init__(self) -> None:
         super().__init__()
@@ -531,12 +527,12 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
     def dirname(cls, *, test_location: Any) -> str:
         test_file = Path(test_location.filepath).resolve()
         try:
-            relative = test_file.relative_to(cls.rootdir.resolve())
+            relative = test_file.relative_to(settings.current().rootdir.resolve())
         except ValueError:
             relative = Path(test_file.name)
         # Not resolved: a symbolic link inside the baselines folder is refused where it is used
         # (folder_refusal), one test module's failure, instead of breaking syrupy's session.
-        return str(cls.root.resolve() / relative.with_suffix(""))
+        return str(settings.current().baselines_dir.resolve() / relative.with_suffix(""))
 
     @staticmethod
     def _clean(name: str) -> str:
@@ -572,7 +568,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         discovered = SnapshotCollections()
         directory = Path(self.dirname(test_location=test_location))
         own = sorted(directory.glob("*.json")) if directory.is_dir() and not folder_refusal(directory) else []
-        others = [p for p in orphaned_baselines(self.root.resolve()) if p.parent != directory]
+        others = [p for p in orphaned_baselines(settings.current().baselines_dir.resolve()) if p.parent != directory]
         for path in own + others:
             collection = self.read_snapshot_collection(snapshot_location=str(path))
             if collection.has_snapshots:
@@ -686,7 +682,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
             data = read_baseline_file(path)
         except (ValueError, OSError):
             return
-        if data.get("test") in self.failed_tests:
+        if data.get("test") in settings.current().failed_tests:
             return  # a test that failed before its check (a tripwire, an exception) keeps its baseline
         metrics = {name[len(path.stem) + 1 : -1] for name in snapshot_names}
         for metric in metrics:
@@ -697,7 +693,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
             path.unlink(missing_ok=True)
         remove_stale_sidecars(path, data if data["checks"] else None, metrics)
         remove_stale_tmp(path)
-        if path.parent.resolve() != self.root.resolve():
+        if path.parent.resolve() != settings.current().baselines_dir.resolve():
             try:
                 path.parent.rmdir()  # the folder of a deleted test file, now empty
             except OSError:
@@ -866,7 +862,6 @@ class DiffevalBaseline:
         a list every metric is checked before the test fails, and the failure lists each
         one that regressed."""
         __tracebackhide__ = True
-        from . import tripwires as wires
 
         metrics = [metric] if isinstance(metric, str) else list(metric)
         tolerances = resolve_tolerances(metrics, tolerance)
@@ -879,7 +874,6 @@ class DiffevalBaseline:
             if message:
                 failures.append(message)
                 error = error_class if error is AssertionError else error
-        from .report import record_baseline_images  # --diffeval-baseline-images: thumbnails beside the baseline
 
         record_baseline_images(images, self.path, self._snapshot)
         if failures:
@@ -936,7 +930,7 @@ class DiffevalBaseline:
         record["_test"] = self.test_id
         try:  # the test module, relative to the baselines folder: how orphans are recognised
             record["_test_file"] = Path(os.path.relpath(Path(self._snapshot.test_location.filepath).resolve(),
-                                                        DiffevalBaselineExtension.root.resolve())).as_posix()
+                                                        settings.current().baselines_dir.resolve())).as_posix()
         except ValueError:  # another drive (Windows): such a file is never treated as an orphan
             pass
         if result.state is not None:
@@ -987,8 +981,6 @@ class DiffevalBaseline:
             record_check(self.test_id, result, images, verdict=outcome.verdict, baseline_file=str(location),
                          comparison=outcome)
             if outcome.verdict == "improved":
-                import warnings
-
                 warnings.warn(f"pytest-diffeval: {metric} improved beyond its tolerance ({outcome.value:.4g} vs baseline "
                               f"{outcome.baseline:.4g}); ratchet the baseline with: {rerun}", UserWarning, stacklevel=3)
             return outcome, (None if outcome.passed else regression_message(outcome, location, rerun)), AssertionError

@@ -9,9 +9,12 @@ Nothing here imports torch at module level (the plugin imports this module in ev
 
 from __future__ import annotations
 
+import gc
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .counters import COUNTERS
 from .exceptions import add_note
@@ -52,8 +55,6 @@ def _is_cuda_oom(exc: BaseException) -> bool:
 
 
 def _free_cuda_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()
@@ -136,8 +137,6 @@ def _images_of(output: Any) -> Any:
 
 
 def _concat(parts: list[Any]) -> Any:
-    import numpy as np
-
     if type(parts[0]).__name__ == "Tensor":
         import torch
 

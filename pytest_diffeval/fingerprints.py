@@ -32,8 +32,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from . import settings
 from ._io import atomic_write_text
+from .embedded import resolve_embedded
 
 FORMAT = 1
 _MEMO: dict[tuple[str, str, str], str] = {}  # (kind, path, stat listing) -> hash, this process
@@ -195,8 +198,6 @@ def array_digest(array: Any) -> str:
     """``dtype:shape:hash`` of an array's contents, hashed in place (no copy of a contiguous
     array); an array that repeats one entry along its first axis (stride 0, as ``generate``
     carries one input image for all samples) is hashed as that entry once."""
-    import numpy as np
-
     array = np.asarray(array)
     described = f"{array.dtype}:{tuple(array.shape)}"
     digest = hashlib.sha256()
@@ -213,8 +214,6 @@ def resolve_model_dir(name: str) -> tuple[str, Path | None]:
     id the commit of its snapshot in the local Hugging Face cache (``org/name@<commit>``),
     so a new revision of the same name is another backbone; a hub id the cache does not
     hold (yet) stays bare."""
-    from .embedded import resolve_embedded
-
     embedded = resolve_embedded(name)
     if embedded is not None:
         return f"{name}@{model_fingerprint(embedded)}", embedded

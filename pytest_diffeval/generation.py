@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
 import platform
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from ._version import __version__
 from .claims import release as release_claims
-from .identity import PipelineChangedWarning, execution_settings, pipeline_identity
 from .claims import try_claim, wait_for
 from .devices import call_with_oom_backoff, device_kind  # noqa: F401 - device_kind re-exported
 from .exceptions import InputError, PromptTruncatedWarning  # noqa: F401 - re-exported
+from .identity import PipelineChangedWarning, execution_settings, pipeline_identity
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +54,9 @@ class ImageSet:
     saved_to: Path | None = None
     nonfinite: list[bool] | None = None  # per sample: the pipeline's output held NaN/inf
     inputs: dict[str, Any] = field(default_factory=dict)  # per sample: source images, masks, exemplars, labels...
+    # The same generation again, uncached (the generate fixture sets it; --diffeval-calibrate calls it).
+    regenerate: Callable[..., ImageSet] | None = field(default=None, repr=False, compare=False)
+    tripwires_passed: bool = field(default=False, repr=False, compare=False)  # checked once per set
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -223,8 +229,6 @@ class GpuMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def __enter__(self) -> "GpuMeter":
-        import time
-
         import torch
 
         if self.cuda:
@@ -233,8 +237,6 @@ class GpuMeter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import time
-
         import torch
 
         if self.cuda:
@@ -434,8 +436,6 @@ def check_seeds(seeds: Iterable[Any]) -> list[int]:
 
 def _call_parameters(pipe: Any) -> set[str] | None:
     """Names the pipeline's ``__call__`` takes; None when it takes only ``**kwargs``."""
-    import inspect
-
     try:
         parameters = inspect.signature(pipe.__call__).parameters
     except (TypeError, ValueError):
@@ -551,8 +551,6 @@ def _digest(arrays: Sequence[np.ndarray]) -> str:
 
 def _class_label(pipe: Any, label: Any) -> tuple[int, str]:
     """``(class id, name)`` of a DiT class given by id or by one of its names (``id2label``)."""
-    import difflib
-
     known: dict[str, int] = dict(getattr(pipe, "labels", None) or {})
     transformer = getattr(pipe, "transformer", None)
     count = getattr(getattr(transformer, "config", None), "num_embeds_ada_norm", None)
@@ -609,8 +607,6 @@ def warn_long_prompts(pipe: Any, prompts: Sequence[str], texts: dict[str, list[A
     the prompt, its length and the limit: diffusers cuts the tail off silently, so the
     images do not show it.  SDXL's second encoder (``tokenizer_2``) reads ``prompt_2``
     when given, else the prompt.  Return the prompts warned about."""
-    import warnings
-
     pairs: list[tuple[str, Any, list[Any]]] = []
     tokenizer, tokenizer_2 = getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)
     if tokenizer is not None:

@@ -3,18 +3,23 @@ per-process cache so that many tests using one model load it once per worker."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import re
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import settings
+from .embedded import resolve_embedded
+from .exceptions import InputError, PipelineNotFoundError, WeightsNotAvailableError  # noqa: F401 - re-exported
 from .fingerprints import hub_snapshot, model_fingerprint
-from .exceptions import PipelineNotFoundError, WeightsNotAvailableError  # noqa: F401 - re-exported
-from .exceptions import InputError
 from .identity import changed_since_load, describe_option, module_identity, options_identity, remember_identity
 
 if TYPE_CHECKING:
@@ -36,8 +41,6 @@ def _known_pipeline_classes() -> dict[str, type]:
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path | None]:
     """Return ``(kind, path)``: ``("embedded", path)`` for a name like ``diffeval/tiny-t2i``,
     ``("local", path)`` for an existing directory, ``("hub", None)`` otherwise."""
-    from .embedded import resolve_embedded
-
     text = os.fspath(source)
     embedded = resolve_embedded(text)
     if embedded is not None:
@@ -83,8 +86,6 @@ MODEL_INDEX_FIX = ("each component entry is [library, class] as `pipeline.save_p
 
 
 def _module_exists(name: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
@@ -331,8 +332,6 @@ LOAD_OPTIONS = frozenset({
 
 def split_load_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(load options, call arguments)`` of a ``generate(MODEL, ...)`` call (see ``LOAD_OPTIONS``)."""
-    import sys
-
     torch = sys.modules.get("torch")
 
     def is_load(name: str, value: Any) -> bool:
@@ -468,8 +467,6 @@ def _register_moved_pipeline_modules() -> None:
     """Let checkpoints that name a component ``["paint_by_example", ...]`` (e.g.
     ``Fantasy-Studio/Paint-by-Example``) load again: diffusers (after 0.33) moved that pipeline
     under ``diffusers.pipelines.deprecated`` and no longer resolves the old name."""
-    import importlib
-
     from diffusers import pipelines
 
     for name in ("paint_by_example",):
@@ -675,8 +672,6 @@ class PipelineCache:
         activations of generation.  An estimate on the safe side: a float32 checkpoint loaded in
         float16 counts double, so the worst case is a reload, not an out-of-memory error.
         Returns how many were evicted."""
-        from . import settings
-
         limit = self.max_pipelines if self.max_pipelines is not None else settings.current().max_pipelines
         evicted = 0
         while self._pipes and limit is not None and len(self._pipes) >= limit:
@@ -716,9 +711,6 @@ class PipelineCache:
 def free_memory() -> None:
     """Return memory of dropped objects: ``gc.collect()`` (pipelines hold reference
     cycles), then ``torch.cuda.empty_cache()`` when CUDA is in use."""
-    import gc
-    import sys
-
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -752,3 +744,20 @@ def _cuda_free_bytes(device: str) -> int:
     index = torch.device(device).index
     free, _ = torch.cuda.mem_get_info(torch.cuda.current_device() if index is None else index)
     return int(free)
+
+
+# Deliberately per process, not per pytest session: a pytest run inside a test run (pytester,
+# in-process) and the run around it share the models this process loaded.
+_PROCESS_PIPELINES: list[PipelineCache] = []
+
+
+def process_pipelines() -> PipelineCache:
+    """This process's pipeline cache (one load per model identity per process)."""
+    if not _PROCESS_PIPELINES:
+        _PROCESS_PIPELINES.append(PipelineCache())
+    return _PROCESS_PIPELINES[0]
+
+
+def loaded_pipelines() -> PipelineCache | None:
+    """The process's pipeline cache if anything created it (None: no pipeline was loaded)."""
+    return _PROCESS_PIPELINES[0] if _PROCESS_PIPELINES else None

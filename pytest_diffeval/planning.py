@@ -18,20 +18,25 @@ import os
 import platform
 import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from ._version import __version__
 from .counters import COUNTERS, Counters  # noqa: F401 - re-exported
 from .devices import PER_SAMPLE_ARGUMENTS, call_with_oom_backoff  # noqa: F401 - re-exported
 from .fingerprints import model_fingerprint
+from .generation import RUN_FIELDS, ImageCache, ImageSet, _jsonable, check_seeds, generate_images, pipeline_provenance
+from .generation import _fingerprint as fingerprint
+from .pipelines import _hub_snapshot, resolve_source
+from .report import atomic_write_text
 
 # --------------------------------------------------------------------------- plans
 
 
 def _fingerprint(value: Any) -> Any:
-    from .generation import _fingerprint as fingerprint
-
     return fingerprint(value)
 
 
@@ -72,7 +77,6 @@ class Plan:
         batch_size = kwargs.pop("batch_size", None)
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"pytest-diffeval: {where}: diffeval_plan batch_size must be an int >= 1, got {batch_size!r}")
-        from .generation import check_seeds
 
         try:
             seeds = tuple(check_seeds(seeds))
@@ -191,8 +195,6 @@ class Planner:
 def memory_image_cache() -> Any:
     """An :class:`~pytest_diffeval.generation.ImageCache` that keeps images in memory
     (for plans when there is no disk cache); counted apart from the disk cache."""
-    from .generation import ImageCache
-
     class MemoryImageCache(ImageCache):
         def __init__(self) -> None:
             super().__init__("<memory>")
@@ -219,8 +221,6 @@ def memory_image_cache() -> Any:
 
 def _versions() -> dict[str, str]:
     """Library versions without importing the libraries (what the memo is valid for)."""
-    from importlib import metadata
-
 
     out = {"pytest_diffeval": __version__, "python": platform.python_version()}
     for name in ("torch", "diffusers", "transformers", "torchmetrics", "numpy"):
@@ -262,12 +262,8 @@ class ProvenanceMemo:
         return self._keys[memo]
 
     def _compute_key(self, source: str, dtype: str, device: str) -> str | None:
-        from .pipelines import resolve_source
-
         kind, path = resolve_source(source)
         if path is None:
-            from .pipelines import _hub_snapshot
-
             path = _hub_snapshot(source, None)
             if path is None:
                 return None
@@ -294,8 +290,6 @@ class ProvenanceMemo:
         if key is None or key in self._stored:
             return
         self._stored.add(key)
-        from .generation import RUN_FIELDS
-        from .report import atomic_write_text
 
         provenance = {k: v for k, v in provenance.items() if k not in RUN_FIELDS}  # that run's, not the model's
         try:
@@ -335,9 +329,6 @@ def images_from_cache(cache: Any, provenance: dict[str, Any], prompts: Sequence[
                       call_kwargs: dict[str, Any], test_id: str | None) -> Any:
     """The :class:`ImageSet` ``generate_images`` would return, read from the cache without
     the pipeline; None when a sample is missing or unreadable (then generate normally)."""
-    import numpy as np
-
-    from .generation import ImageSet, _jsonable
 
     seeds = [int(s) for s in seeds]
     keys = cached_keys(cache, provenance, prompts, seeds, call_kwargs)
@@ -374,7 +365,6 @@ def ensure_plan(unit: PlanUnit, *, load: Callable[[], Any], cache: Any, batch_si
     provenance = memo.get(memo_key) if memo is not None else None
     if provenance is not None and cached_keys(cache, provenance, unit.prompts, plan.seeds, plan.call_kwargs):
         return  # a warm rerun: everything is on disk, nothing to load
-    from .generation import generate_images
 
     pipe = load()
     live = _provenance_of(pipe)
@@ -394,6 +384,4 @@ def ensure_plan(unit: PlanUnit, *, load: Callable[[], Any], cache: Any, batch_si
 
 
 def _provenance_of(pipe: Any) -> dict[str, Any]:
-    from .generation import pipeline_provenance
-
     return json.loads(json.dumps(pipeline_provenance(pipe), default=repr))

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
 from .exceptions import PromptSetNotFoundError  # noqa: F401 - re-exported
 
 PARTI_REPO = "nateraw/parti-prompts"

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
 from ._io import atomic_write_bytes, atomic_write_text, inside  # noqa: F401 - re-exported
 from .exceptions import UnsafePath  # noqa: F401 - re-exported
 from .hardware import hardware_key, select_entry

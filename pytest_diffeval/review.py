@@ -17,8 +17,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
+
+import numpy as np
+
+from ._io import atomic_path
+from .baselines import read_baseline_file
 from .exceptions import ReviewError  # noqa: F401 - re-exported
 from .hardware import hardware_key
+from .report import (
+    FORMAT_VERSION,
+    SAMPLES_FIX,
+    UnsafePath,
+    atomic_write_text,
+    inside,
+    is_test_failed,
+    ordered_tests,
+    render_html,
+)
 
 
 @dataclass
@@ -96,8 +111,6 @@ def _entry(test: str, metric: str, record: Any, where: str, hardware: str | None
 
 def read_baseline(path: Path) -> list[Entry]:
     """The entries of one baseline file (either layout: one entry per metric, or per hardware)."""
-    from .baselines import read_baseline_file
-
     try:
         data = read_baseline_file(path)
     except OSError as exc:
@@ -135,8 +148,6 @@ def _number(value: Any) -> bool:
 def _samples_ok(samples: list[Any]) -> bool:
     """Whether every sample is well formed, checked in bulk (a large merge holds hundreds of
     thousands); when not, the loop of :func:`validate_results` names the first bad one."""
-    import numpy as np
-
     if not all(type(s) is dict for s in samples):
         return False
     if not ({type(s.get("prompt")) for s in samples} <= {str, type(None)}
@@ -157,8 +168,6 @@ def validate_results(path: Path, data: Any) -> None:
     or shows: :class:`ReviewError` naming the file, the field, the value and the fix.  A
     shard's file may come from anywhere, so nothing but finite numbers, strings, booleans and
     the documented structure gets into the merged ``metrics.json`` and ``report.html``."""
-    from .report import FORMAT_VERSION
-
     def bad(where: str, value: Any, expected: str) -> ReviewError:
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
@@ -553,9 +562,6 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
     fix.  One parsed ``metrics.json`` is held at a time (the inputs' bytes and the merged
     checks, encoded, are kept), and ``metrics.json`` is streamed out one check per line with
     the C JSON encoder: an 80 MB input merges in seconds, not minutes."""
-    from ._io import atomic_path
-    from .report import FORMAT_VERSION, atomic_write_text, is_test_failed, ordered_tests, render_html
-
     sources = [Path(s) for s in sources]
     out = Path(out)
     if not sources:
@@ -737,8 +743,6 @@ def _image_source(name: str, source: Path, out: Path) -> Path | None:
     """``source/<name>`` when it is a folder inside ``source`` whose ``samples.json`` names
     files inside it, None when there is no such folder; :class:`ReviewError` for a name that
     would read from, or write to, anywhere outside ``source`` and ``out``."""
-    from .report import UnsafePath, inside
-
     document = source / "metrics.json"
     try:
         folder = inside(source, name, source=document, what="image folder", fix=IMAGES_FIX)
@@ -753,8 +757,6 @@ def _image_source(name: str, source: Path, out: Path) -> Path | None:
 
 def _check_samples_listing(folder: Path) -> None:
     """Refuse an image folder whose ``samples.json`` names an image outside it."""
-    from .report import SAMPLES_FIX, UnsafePath, inside
-
     listing = folder / "samples.json"
     try:
         entries = json.loads(listing.read_text(encoding="utf-8")).get("samples", [])

@@ -47,6 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xdist.scheduler import LoadGroupScheduling, LoadScheduling, LoadScopeScheduling
+
+from .planning import Plan
+from .report import atomic_write_text
+
 DIFFEVAL_FIXTURES = frozenset({"generate", "diffusion_pipeline"})
 
 
@@ -88,8 +93,6 @@ def _module(nodeid: str) -> str:
 
 def entry_of(item: Any) -> Entry:
     """The scheduling entry of a pytest item (its markers and fixtures decide its group)."""
-    from .planning import Plan
-
     plan_mark = item.get_closest_marker("diffeval_plan")
     plan = Plan.from_marker(plan_mark, item.nodeid) if plan_mark is not None else None
     model_mark = item.get_closest_marker("diffeval_model")
@@ -242,8 +245,6 @@ ENTRIES_FILE = "entries-{worker}.json"
 
 def write_entries(directory: str | Path, worker: str, entries: Iterable[Entry]) -> None:
     """A worker's report of each collected test's group and plan (read by the controller)."""
-    from .report import atomic_write_text
-
     data = {"entries": [[e.nodeid, e.group, e.plan] for e in entries]}
     atomic_write_text(Path(directory) / ENTRIES_FILE.format(worker=worker), json.dumps(data))
 
@@ -355,8 +356,6 @@ class DecidingScheduling:
 def make_scheduler(config: Any, log: Any, directory: str | Path) -> DecidingScheduling:
     """An xdist scheduler that runs each group's units on its share of the workers in
     sessions with diffeval tests, and schedules other sessions as xdist would."""
-    from xdist.scheduler import LoadGroupScheduling, LoadScheduling, LoadScopeScheduling
-
     class ModelScheduling(LoadScopeScheduling):  # type: ignore[misc, valid-type]
         """LoadScope scheduling whose scopes are :func:`partition`'s units; a group's units go
         only to the workers of its share (unless all of those are gone)."""

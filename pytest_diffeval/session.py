@@ -45,6 +45,7 @@ class DiffevalSession:
     worker_counters: dict[str, dict[str, Any]] = field(default_factory=dict)  # controller: each worker's counters
     crashed_workers: list[str] = field(default_factory=list)  # controller: workers that died
     tests_run: int = 0
+    loads_at_start: dict[str, dict[str, int]] = field(default_factory=dict)  # the process's model loads then
     entries_dir: str | None = None  # controller under model scheduling: where workers report their tests
     outputs: Outputs | None = None
     _images: ImageCache | None = None
@@ -62,6 +63,10 @@ class DiffevalSession:
         counters.pop(self._tokens[1])
         if self.entries_dir:
             shutil.rmtree(self.entries_dir, ignore_errors=True)
+
+    @property
+    def image_cache_used(self) -> bool:
+        return self._images is not None
 
     @property
     def cache_dir(self) -> Path | None:

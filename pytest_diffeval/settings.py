@@ -9,6 +9,9 @@ learn the metric backbones, the device and where to save the images of a failure
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,10 @@ DEFAULT_FID_FEATURES = "inception-v3-2048"
 
 @dataclass
 class Settings:
-    """What every check needs to know about the session it runs in."""
+    """What every check needs to know about the session it runs in: built once per pytest
+    session from its options (``plugin/options.py``).  Two collections fill during the
+    session: ``records`` (a row per metric check, taken by the hooks after each test) and
+    ``failed_tests`` (whose baselines ``--snapshot-update`` keeps rather than deletes)."""
 
     clip_model: str = DEFAULT_CLIP_MODEL
     fid_features: str = DEFAULT_FID_FEATURES
@@ -36,6 +42,8 @@ class Settings:
     records: list[dict[str, Any]] = field(default_factory=list)  # one per metric check
     max_pipelines: int | None = None  # --diffeval-max-pipelines: loaded pipelines kept per process (None: by memory)
     feature_dtype: str = "auto"  # --diffeval-feature-dtype: FID/KID feature extractor precision (see feature_dtype())
+    rootdir: Path = field(default_factory=Path.cwd)  # pytest's rootdir: baselines mirror test paths under it
+    failed_tests: set[str] = field(default_factory=set)  # node ids of failed tests
 
 
 # The settings in force: the innermost active pytest session's (a pytester run inside a test
@@ -52,6 +60,7 @@ def push(settings: Settings) -> int:
     """Make ``settings`` active until :func:`pop` with the returned token (a pytest session's
     configure/unconfigure; sessions end in the reverse order they start)."""
     _stack.append(settings)
+    _resolved.clear()  # resolved for the settings before; these may ask for another device
     return len(_stack) - 1
 
 
@@ -59,6 +68,7 @@ def pop(token: int) -> None:
     """End what :func:`push` returned ``token`` for (and anything pushed after it); what was
     active before is active again."""
     del _stack[max(1, token):]
+    _resolved.clear()
 
 
 _resolved: dict[str, str] = {}
@@ -73,8 +83,6 @@ def resolved_device() -> str:
     if request == "cpu" or (request == "auto" and _no_gpu_driver()):
         return "cpu"  # without importing torch (seconds), which a fully cached rerun never needs
     if request not in _resolved:
-        import os
-
         import torch
 
         if request.startswith("cuda") and not torch.cuda.is_available():
@@ -100,8 +108,6 @@ def _gpu_ids(environ: dict[str, str]) -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries, found without
     initialising CUDA: the entries of CUDA_VISIBLE_DEVICES if set, else one per NVIDIA
     device node (/dev/nvidia0, /dev/nvidia1, ...)."""
-    import glob
-
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
@@ -121,9 +127,6 @@ def bind_worker_gpu(worker: str, environ: dict[str, str] | None = None) -> str |
     conftest that touched CUDA), nothing is changed and ``resolved_device()`` falls back to
     ``torch.cuda.set_device`` on ``cuda:I mod G``.  Returns the chosen entry, or None when
     nothing was bound (one or no GPU, or CUDA already initialised)."""
-    import os
-    import sys
-
     environ = os.environ if environ is None else environ
     if not (worker.startswith("gw") and worker[2:].isdigit()):
         return None
@@ -139,12 +142,13 @@ def bind_worker_gpu(worker: str, environ: dict[str, str] | None = None) -> str |
     return chosen
 
 
-def feature_dtype(device: str) -> str:
+def feature_dtype(device: str, of: Settings | None = None) -> str:
     """Precision of the FID/KID feature extractors (Inception, CLIP) on ``device``: the
     configured ``float32``/``float64``, or for ``auto`` float32 on CUDA (float64 Inception is
     many times slower on consumer and inference GPUs: L4, A10, RTX) and float64 on the CPU
-    (the numbers baselines were recorded with).  Statistics are accumulated in float64 either way."""
-    request = (current().feature_dtype or "auto").strip()
+    (the numbers baselines were recorded with).  Statistics are accumulated in float64 either way.
+    ``of``: these settings instead of the current ones."""
+    request = ((of or current()).feature_dtype or "auto").strip()
     if request not in ("auto", "float32", "float64"):
         raise ValueError(f"pytest-diffeval: --diffeval-feature-dtype={request!r} is not auto, float32 or float64; "
                          "fix: pass one of those")
@@ -156,9 +160,6 @@ def feature_dtype(device: str) -> str:
 def _no_gpu_driver() -> bool:
     """Whether this Linux or macOS machine has no GPU device node (NVIDIA, ROCm, WSL), so
     torch cannot see a CUDA GPU here and ``auto`` means the CPU without asking torch."""
-    import os
-    import sys
-
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return True
     if not (sys.platform.startswith("linux") or sys.platform == "darwin"):

@@ -6,6 +6,7 @@ plumbing: their images are noise and their scores mean nothing.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -199,8 +200,6 @@ def build_tiny_instruct_pix2pix(path: str | Path, *, seed: int = 0, image_size: 
 def build_tiny_paint_by_example(path: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:
     """A tiny random ``PaintByExamplePipeline``: a 9-channel UNet conditioned on a tiny
     ``PaintByExampleImageEncoder`` (CLIP vision tower + mapper) instead of text."""
-    import json
-
     from diffusers import PaintByExamplePipeline
     try:
         from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
@@ -236,8 +235,6 @@ def build_tiny_dit(path: str | Path, *, seed: int = 0, image_size: int = 32) -> 
 
     ``save_pretrained`` drops ``id2label``; it is written into ``model_index.json`` the way
     the hub DiT checkpoints carry it, so ``from_pretrained`` restores the names."""
-    import json
-
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from .exceptions import TripwireError  # noqa: F401 - re-exported
 from .recording import fail
 
@@ -66,9 +67,9 @@ def _identical_pair(images: Any, flat: np.ndarray, tolerance: int) -> tuple[int,
 def check(images: Any) -> None:
     """Raise :class:`TripwireError` if ``images`` trip a wire (checked once per ImageSet)."""
     __tracebackhide__ = True
-    if getattr(images, "_tripwires_passed", False) or not hasattr(images, "nonfinite"):
+    if getattr(images, "tripwires_passed", False) or not hasattr(images, "nonfinite"):
         return
     problems = find_problems(images)
     if problems:
         fail(images, "tripwire: " + "\n  tripwire: ".join(problems) + f"\n  ({TURN_OFF})", error=TripwireError)
-    images._tripwires_passed = True
+    images.tripwires_passed = True

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_diffeval import pipelines, plugin, settings
+from pytest_diffeval import pipelines, settings
+from pytest_diffeval.plugin import options, summary
+from pytest_diffeval.session import DiffevalSession
 from pytest_diffeval.baselines import hardware_key
 from pytest_diffeval.generation import GpuMeter, generate_images, pipeline_provenance
 from pytest_diffeval.pipelines import PipelineCache, load_pipeline, pipeline_bytes
@@ -94,9 +96,9 @@ def test_the_limit_comes_from_the_option_and_auto_keeps_everything_on_the_cpu(fa
     cache.get("org/e")
     assert len(cache._pipes) == 1 and sum(cache.evictions.values()) == 4
     assert hooked.hooks_removed  # offload hooks (which hold the modules) are removed on eviction
-    assert plugin._max_pipelines("auto") is None and plugin._max_pipelines("3") == 3
+    assert options.max_pipelines("auto") is None and options.max_pipelines("3") == 3
     with pytest.raises(pytest.UsageError, match=r"--diffeval-max-pipelines='0' .* fix: e.g. --diffeval-max-pipelines=1"):
-        plugin._max_pipelines("0")
+        options.max_pipelines("0")
 
 
 def test_on_cuda_pipelines_are_evicted_while_free_memory_is_short(fake_loads: list[str],
@@ -141,8 +143,8 @@ def test_evictions_are_in_the_verbose_summary(fake_loads: list[str], monkeypatch
     cache = PipelineCache(max_pipelines=1)
     cache.get("org/a")
     cache.get("org/b")
-    monkeypatch.setattr(plugin, "_PIPELINES", cache)
-    lines = plugin._counter_lines("gw1", plugin._counters())
+    monkeypatch.setattr(pipelines, "_PROCESS_PIPELINES", [cache])
+    lines = summary.counter_lines("gw1", summary.process_counters(DiffevalSession(settings.Settings())))
     assert any(line.startswith("diffeval evictions in gw1: org/a: 1") for line in lines), lines
 
 

@@ -19,8 +19,11 @@ Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import gzip
 import re
 from functools import lru_cache
+from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 
@@ -108,10 +111,6 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits ``(images (1797, 8, 8), target)``, the numbers ``load_digits``
     returns, read from the file it reads without importing scikit-learn (a fraction of a
     second that every run building a reference set paid, warm reruns included)."""
-    import gzip
-    from importlib.util import find_spec
-    from pathlib import Path
-
     spec = find_spec("sklearn")  # finds the package without importing it
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     file = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None

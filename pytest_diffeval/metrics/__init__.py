@@ -20,13 +20,24 @@ images with the same options and backbones computes nothing.
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 from typing import Any, Callable
 
 import numpy as np
+
 from ..counters import COUNTERS
+from ..exceptions import (  # noqa: F401 - re-exported
+    DiffevalError,
+    DiffevalInputError,
+    MetricError,
+    MetricInputError,
+    MissingDependencyError,
+    NonFiniteMetricError,
+    UnknownMetricError,
+    WeightsFileNotFoundError,
+)
 from ..fingerprints import resolve_model_dir
-from ..exceptions import DiffevalError, DiffevalInputError, MetricInputError, MissingDependencyError, WeightsFileNotFoundError, UnknownMetricError, MetricError, NonFiniteMetricError  # noqa: F401 - re-exported
 from .result import MetricResult  # noqa: F401 - re-exported
 from .result_cache import bound_options, reemit, result_cache, warning_records
 
@@ -141,8 +152,6 @@ def register_metric(
 
 def get_metric(name: str) -> Metric:
     if name not in _REGISTRY and name in _BUILTINS:
-        import importlib
-
         module, cls = _BUILTINS[name]
         register_metric(getattr(importlib.import_module(f"{__name__}.{module}"), cls)())
     if name not in _REGISTRY:

@@ -18,8 +18,10 @@ from .. import settings
 from ..counters import COUNTERS
 from ..devices import device_kind
 from ..exceptions import BackboneNotFoundError  # noqa: F401 - re-exported
-from ..fingerprints import hub_snapshot
-from ..fingerprints import resolve_model_dir  # noqa: F401 - also imported from here
+from ..fingerprints import (
+    hub_snapshot,
+    resolve_model_dir,  # noqa: F401 - also imported from here
+)
 
 LOADS: dict[str, int] = {}  # backbone id -> loads in this process
 _CACHE: dict[tuple[str, str], "ClipBackbone"] = {}

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import Metric, MetricInputError, MetricResult
+from . import Metric, MetricInputError, MetricResult, compute_metric, get_metric
+from .result_cache import Unkeyable, bound_options, call_material
 
 BOOTSTRAP_RESAMPLES = 50
 BOOTSTRAP_SEED = 0
@@ -20,9 +21,6 @@ class _Derived(Metric):
     cacheable = True
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
-        from . import get_metric
-        from .result_cache import Unkeyable, bound_options, call_material
-
         own = {k: v for k, v in options.items() if k in ("of", "threshold")}
         material = bound_options(self.compute, images, own)
         try:
@@ -36,8 +34,6 @@ class _Derived(Metric):
 
 
 def _inner(metric: str, of: str, images: Any, options: dict[str, Any]) -> MetricResult:
-    from . import compute_metric
-
     if of in {"good_image_rate", "seed_stability"}:
         raise MetricInputError(f"pytest-diffeval: {metric}: of={of!r} is itself derived; choose a per-sample metric "
                          "such as 'clip_score' or 'aesthetic'")

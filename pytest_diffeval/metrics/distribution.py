@@ -5,6 +5,7 @@ folder of images)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -22,7 +23,6 @@ SEED = 0  # KID's random subsets are drawn from this seed: same images, same num
 def _reference_arrays(reference: Any) -> Iterator[np.ndarray]:
     if hasattr(reference, "images") and hasattr(reference, "sample_keys"):
         return iter(reference.images)
-    from pathlib import Path
 
     folder = Path(reference)
     if not folder.is_dir():

@@ -4,6 +4,7 @@ feature statistics are computed once and cached on disk (safetensors, never pick
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -13,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
-from . import Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
 from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
-from ..fingerprints import array_digest
+from ..fingerprints import array_digest, file_fingerprint
 from ..generation import read_pixels
+from . import Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
@@ -91,8 +92,6 @@ def inception_network(features_list: list[str], weights: str | None) -> tuple[to
     ``["logits_unbiased"]``) with the weights of ``weights`` (see :func:`_inception_weights_file`),
     and that file's path.  torch-fidelity unpickles whatever it is handed (weights_only=False),
     so it gets a buffer serialised here from the tensors read safely, never the file."""
-    import io
-
     import torch
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -128,7 +127,6 @@ def inception_features(features: str, weights: str | None) -> tuple[torch.nn.Mod
             f"`pip install torch-fidelity`, which needs torchvision; import failed: {exc}) and, offline, its weights "
             "file via --diffeval-inception-weights. Or choose CLIP features: fid_features='clip:<clip model>'."
         ) from exc
-    from ..fingerprints import file_fingerprint
 
     module, path = inception_network([dim], weights)
     module.num_features = int(dim)  # torchmetrics then skips its dummy forward pass

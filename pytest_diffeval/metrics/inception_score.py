@@ -22,7 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import settings
+from ..fingerprints import file_fingerprint, path_fingerprint, resolve_model_dir
 from . import Metric, MetricInputError, MetricResult, MissingDependencyError
+from .fid import inception_network
+from .result_cache import bound_options, canonical
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
@@ -37,7 +40,6 @@ def _checker_logits(name: str) -> Any:
     import torch
 
     from ..embedded.checker import DigitChecker, colour_stats
-    from ..fingerprints import resolve_model_dir
     from .backbones import BackboneNotFoundError
 
     backbone_id, path = resolve_model_dir(name)
@@ -86,8 +88,6 @@ def _inception_logits() -> tuple[Any, str]:
             "and, offline, its weights file via --diffeval-inception-weights. Or pass classifier="
             "'checker:diffeval/tiny-checker' (offline, 16x16 digits) or an nn.Module returning logits."
         ) from exc
-    from ..fingerprints import file_fingerprint
-    from .fid import inception_network
 
     module, path = inception_network(["logits_unbiased"], settings.current().inception_weights)
     return module, f"inception-v3-logits@sha256:{file_fingerprint(path)}"
@@ -139,8 +139,6 @@ class InceptionScore(Metric):
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The options, with the classifier keyed by its content (an nn.Module: not cached)."""
-        from .result_cache import bound_options, canonical
-
         material = bound_options(self.compute, images, {k: v for k, v in options.items() if k != "classifier"})
         material["classifier"] = _classifier_identity(options.get("classifier") or DEFAULT_CLASSIFIER)
         if not isinstance(material["classifier"], (str, dict)):
@@ -186,12 +184,8 @@ def _classifier_identity(classifier: Any) -> Any:
     """What a classifier spec resolves to, by content: a checker by its files, Inception by
     its weights file (or torch-fidelity's default); anything else as given."""
     if isinstance(classifier, str) and classifier.startswith("checker:"):
-        from ..fingerprints import resolve_model_dir
-
         return "checker:" + resolve_model_dir(classifier[len("checker:"):])[0]
     if classifier == DEFAULT_CLASSIFIER:
-        from ..fingerprints import path_fingerprint
-
         weights = settings.current().inception_weights
         return {"classifier": classifier, "weights": path_fingerprint(weights) if weights else "torch-fidelity default"}
     return classifier

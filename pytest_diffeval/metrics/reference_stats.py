@@ -18,8 +18,15 @@ from typing import Any
 
 from .. import settings
 from .fid import (  # noqa: F401 - the cache entries' reader and writer are re-exported
-    STAT_KEYS, ReferenceSetError, _atomic_save, _feature_extractor, read_cached_statistics, read_reference_statistics,
-    reference_statistics, set_feature_precision, write_cached_statistics,
+    STAT_KEYS,
+    ReferenceSetError,
+    _atomic_save,
+    _feature_extractor,
+    read_cached_statistics,
+    read_reference_statistics,
+    reference_statistics,
+    set_feature_precision,
+    write_cached_statistics,
 )
 
 FORMAT = "pytest-diffeval reference statistics 1"

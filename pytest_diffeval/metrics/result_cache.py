@@ -40,6 +40,7 @@ import os
 import platform
 import sys
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,8 +50,9 @@ from .. import settings
 from .._version import __version__
 from ..counters import COUNTERS
 from ..devices import device_kind
-from .result import MetricResult
+from ..embedded import resolve_embedded
 from ..fingerprints import array_digest, hub_snapshot, path_fingerprint, resolve_model_dir
+from .result import MetricResult
 
 FORMAT = 2  # 2: entries record their arrays' dtypes and shapes
 _VERSIONED = ("torch", "torchmetrics", "transformers", "diffusers", "torch-fidelity", "numpy", "safetensors")
@@ -69,8 +71,6 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 def _versions() -> dict[str, str]:
     """Package versions from their metadata (imports none of them)."""
     if not _MEMO.get("versions"):
-        from importlib import metadata
-
 
         found = {"pytest_diffeval": __version__, "python": platform.python_version()}
         for name in _VERSIONED:
@@ -144,8 +144,6 @@ def canonical(value: Any, *, top: bool = False) -> Any:
 
 
 def _string(value: str) -> Any:
-    from ..embedded import resolve_embedded
-
     embedded = resolve_embedded(value)
     if embedded is not None:
         return {"str": value, "content": path_fingerprint(embedded)}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ._io import atomic_path
 from ._version import __version__
 from .claims import release as release_claims
 from .claims import try_claim, wait_for
@@ -379,16 +380,10 @@ class ImageCache:
         info = PngImagePlugin.PngInfo()
         info.add_text("diffeval_nonfinite", "1" if nonfinite else "0")
         info.add_text("diffeval_key", key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
         except OSError as exc:  # a read-only or full cache disk: the image is still used, just not kept
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             if not self.unwritable:
                 self.unwritable = True
                 warnings.warn(f"pytest-diffeval: cannot write to the image cache {self.directory}: "

@@ -191,3 +191,27 @@ def test_a_reference_statistics_file_of_the_wrong_shape_is_refused_with_the_fix(
                                                 r"\(3, 3\), \(\) where \(4,\), \(4, 4\) and \(\) are needed; fix: "
                                                 r"write it again with pytest_diffeval.save_reference_statistics"):
         compute_metric("fid", coded(range(30, 60)), reference=path, features=features)
+
+
+def test_an_unwritable_reference_statistics_cache_warns_and_the_fid_is_still_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only or full cache disk costs a recomputation next time, never the check (it
+    used to fail the metric with "fix the metric")."""
+    from pytest_diffeval.metrics import fid
+
+    n = 40
+    rng = np.random.default_rng(7)
+    table = np.concatenate([rng.multivariate_normal(MU_A, COV_A, n), rng.multivariate_normal(MU_B, COV_B, n)])
+    features, images, reference = LookupFeatures(table), coded(range(n, 2 * n)), coded(range(n))
+    expected = compute_metric("fid", images, reference=reference, features=features).value
+    for entry in (tmp_path / "cache" / "reference-stats").glob("*.safetensors"):
+        entry.unlink()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fid, "_atomic_save", full_disk)
+    with pytest.warns(UserWarning, match=r"cannot write the reference-statistics cache entry .*No space left on "
+                                         r"device.*fix: make the cache folder writable"):
+        result = compute_metric("fid", images, reference=reference, features=features)
+    assert result.value == pytest.approx(expected, rel=1e-9)

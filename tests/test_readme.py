@@ -95,7 +95,14 @@ ISSUE_CASES = ["baseline not JSON", "baseline truncated", "newer format version"
                "source/mask count mismatch", "source/mask size mismatch", "images with NaN", "all-black images",
                "model path missing", "not a diffusers layout", "metric weights file missing",
                "reference image folder empty", "unreadable file", "CUDA requested where none is",
-               "CUDA out of memory", "`..` in a results merge", "a metric gives NaN", "two test ids that sanitise"]
+               "CUDA out of memory", "`..` in a results merge", "a metric gives NaN", "two test ids that sanitise",
+               # issue 21: faults that must never hang a run, lose a baseline or turn a regression green
+               "a worker crash under `-n`", "read-only or full baselines folder", "nested too deeply",
+               "huge integer", "symbolic link leading outside", "a field of the wrong type", "named `report.html`",
+               "one results folder", "16-bit greyscale", "float image (TIFF) with NaN", "a pickle LoRA",
+               "`model_index.json` with an invalid class entry", "a seed outside", "image-cache claim nobody holds",
+               "read-only or full image cache", "replaced by one of the same size and mtime",
+               "a cache entry swapped with another", "reference-statistics cache"]
 
 
 def test_bad_input_matrix_lists_every_case() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .. import settings
+from .._io import atomic_path
 from ..counters import COUNTERS
 from ..devices import device_kind
 from ..exceptions import BackboneNotFoundError  # noqa: F401 - re-exported
@@ -69,15 +69,12 @@ class FeatureCache:
     def put(self, key: str, backbone: str, features: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp),
-                      metadata={"backbone": backbone, "key": key})
-            os.replace(tmp, path)
+            with atomic_path(self._path(key)) as tmp:
+                save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp),
+                          metadata={"backbone": backbone, "key": key})
         except OSError:
-            tmp.unlink(missing_ok=True)  # a read-only or full cache costs a recomputation, not the test
+            pass  # a read-only or full cache costs a recomputation, not the test
 
     def lookup(self, backbone: str, kind: str, rows: torch.Tensor, context: str,
                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

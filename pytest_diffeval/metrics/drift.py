@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import settings
+from .._io import atomic_path
 from . import Metric, MetricResult
 from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, set_feature_precision, update_capturing_features
 
@@ -146,11 +147,6 @@ def save_statistics(state: dict[str, Any], path: Path) -> str:
 
     arrays = {name: np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, order="C")
               for name, value in state["tensors"].items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata={**state["metadata"], "written_by": "pytest-diffeval drift"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return file_sha256(path)

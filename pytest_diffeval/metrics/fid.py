@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
+from .._io import atomic_path
 from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
 from ..fingerprints import array_digest, file_fingerprint
 from ..generation import read_pixels
@@ -246,10 +247,8 @@ def cache_dir() -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, preprocessing: str, reference: Any,
@@ -426,8 +425,14 @@ def read_cached_statistics(path: Path, key: str, dims: int) -> dict[str, Any] | 
 
 
 def write_cached_statistics(path: Path, key: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Write a reference-statistics cache entry that carries its key (atomically)."""
-    _atomic_save(tensors, path, {**metadata, "format": CACHE_FORMAT, "key": key})
+    """Write a reference-statistics cache entry that carries its key (atomically); a read-only
+    or full cache costs a recomputation next time (with a warning), never the check."""
+    try:
+        _atomic_save(tensors, path, {**metadata, "format": CACHE_FORMAT, "key": key})
+    except OSError as exc:
+        warnings.warn(f"pytest-diffeval: cannot write the reference-statistics cache entry {path} ({exc}); the "
+                      "statistics are used uncached and computed again next time. fix: make the cache folder "
+                      "writable (--diffeval-cache-dir) or free space on its disk", UserWarning, stacklevel=2)
 
 
 def _features_hint(feature_id: str | None) -> str | None:

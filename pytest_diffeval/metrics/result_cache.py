@@ -47,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import settings
+from .._io import atomic_path
 from .._version import __version__
 from ..counters import COUNTERS
 from ..devices import device_kind
@@ -353,16 +354,13 @@ class ResultCache:
                 "details": result.details, "state": state_meta, "warnings": caught}
         if not (_json_exact(result.details) and _json_exact(state_meta)):
             return
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             from safetensors.numpy import save_file
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(arrays, str(tmp), metadata={"result": json.dumps(meta)})
-            os.replace(tmp, path)
+            with atomic_path(self._path(key)) as tmp:
+                save_file(arrays, str(tmp), metadata={"result": json.dumps(meta)})
         except Exception:  # noqa: BLE001 - an unwritable cache or an odd dtype costs a recomputation
-            tmp.unlink(missing_ok=True)
+            pass
 
 
 _CACHE: ResultCache | None = None

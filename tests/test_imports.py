@@ -106,3 +106,14 @@ def test_loading_the_plugin_imports_no_heavy_library(module: str) -> None:
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_pytest_fixtures_lists_this_repositorys_fixtures_without_an_internal_error() -> None:
+    """Two test modules that imported one fixture function tied on ``--fixtures``' sort key
+    (same module, path and name): INTERNALERROR.  Shared fixtures live in tests/conftest.py."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider",
+                           "tests/test_report.py", "tests/test_review.py", "tests/test_baselines.py"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "INTERNALERROR" not in done.stdout + done.stderr, done.stdout[-2000:]
+    assert "user_project" in done.stdout and "scenario" in done.stdout

@@ -342,6 +342,9 @@ def images_from_cache(cache: Any, provenance: dict[str, Any], prompts: Sequence[
             cache.hits = before
             return None
         results.append(entry)
+    if len({r[0].shape for r in results}) > 1:  # an entry of another size (forged or corrupt): generate normally
+        cache.hits = before
+        return None
     COUNTERS.lazy_hits += 1
     return ImageSet(
         images=np.stack([r[0] for r in results]),

@@ -172,3 +172,28 @@ def test_a_prompt_longer_than_the_text_encoder_takes_is_named_once_with_its_leng
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptTruncatedWarning)
         generate_images(pipe, ["a cat"], num_inference_steps=2)  # within the limit: silent
+
+
+def test_an_image_cache_entry_of_another_size_under_its_own_key_is_regenerated(pipe, tmp_path: Path) -> None:
+    """A PNG with the right key but the wrong size (forged, or a corrupt writer) is a miss, in
+    a partly and a fully cached call: generated again, never a bare shape error from stacking."""
+    from PIL import Image, PngImagePlugin
+
+    from pytest_diffeval.generation import ImageCache
+    from pytest_diffeval.planning import images_from_cache
+
+    cache, counting = ImageCache(tmp_path / "images"), CountingPipe(pipe)
+    first = generate_images(counting, PROMPTS[:2], seeds=[0], cache=cache, num_inference_steps=2)
+    keys = [cache.key(first.provenance, {"num_inference_steps": 2}, prompt, 0) for prompt in PROMPTS[:2]]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("diffeval_nonfinite", "0")
+    info.add_text("diffeval_key", keys[0])
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(cache._path(keys[0]), pnginfo=info)
+    assert cache.get(keys[0])[0].shape == (8, 8, 3)  # a valid-looking entry under its own key
+
+    assert images_from_cache(cache, first.provenance, PROMPTS[:2], [0], {"num_inference_steps": 2}, None) is None
+    again = generate_images(counting, PROMPTS[:2], seeds=[0], cache=cache, num_inference_steps=2)
+    assert counting.generated == 4 and again.images.shape == first.images.shape  # which size is right is
+    # unknown when every sample came from the cache: the call's samples are all generated again
+    assert np.abs(again.images.astype(int) - first.images.astype(int)).max() <= 2
+    assert cache.get(keys[0])[0].shape == first.images[0].shape  # the entry was rewritten

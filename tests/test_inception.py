@@ -164,8 +164,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
     """A weights option pointing nowhere fails before any work, naming the file, the option
     and where to get the weights (never a download attempt, never a bare FileNotFoundError)."""
     missing = tmp_path / "nowhere" / "inception.safetensors"
-    monkeypatch.setattr(settings, "_current", dataclasses.replace(
-        settings.current(), inception_weights=str(missing), result_cache=False, cache_dir=tmp_path / "cache"))
+    monkeypatch.setattr(settings, "_stack", [*settings._stack, dataclasses.replace(
+        settings.current(), inception_weights=str(missing), result_cache=False, cache_dir=tmp_path / "cache")])
     images = ImageSet(images=image_arrays(3, 0), prompts=["p"] * N_IMAGES, seeds=list(range(N_IMAGES)))
     with pytest.raises(FileNotFoundError) as info:
         compute_metric("fid", images, reference=images)
@@ -182,9 +182,9 @@ def test_inception_score_default_classifier_runs_the_real_inception(weights: dic
     from torchmetrics.image.fid import NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore as TorchInceptionScore
 
-    monkeypatch.setattr(settings, "_current", dataclasses.replace(
+    monkeypatch.setattr(settings, "_stack", [*settings._stack, dataclasses.replace(
         settings.current(), inception_weights=str(weights["safetensors"]), result_cache=False,
-        cache_dir=tmp_path / "cache", device_request="cpu"))
+        cache_dir=tmp_path / "cache", device_request="cpu")])
     arrays = image_arrays(4, 0)
     images = ImageSet(images=arrays, prompts=["p"] * N_IMAGES, seeds=list(range(N_IMAGES)))
     measured = compute_metric("inception_score", images)

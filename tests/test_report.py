@@ -101,7 +101,7 @@ def _run(pytester: pytest.Pytester, name: str, *args: str, results: str | None =
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GITHUB_STEP_SUMMARY", str(summary))
         # One torch thread in every run.  Under -n the plugin gives each worker cores/workers
-        # threads (plugin._limit_worker_threads) unless OMP_NUM_THREADS is set, while a -n 0
+        # threads (plugin.options.limit_worker_threads) unless OMP_NUM_THREADS is set, while a -n 0
         # run takes every core: on a 2-core machine 1 thread vs 2, whose float sums round
         # differently, so a few pixels (and per-sample values) of the serial and the -n 2
         # runs differed and the "-n 2 is as complete as -n 0" comparisons failed whenever

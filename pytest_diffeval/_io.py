@@ -84,15 +84,15 @@ def inside(folder: Path, name: Any, *, source: Path | str, what: str, fix: str) 
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (signal 0 probes without sending)."""
+    """Whether a process with this id runs on this host (signal 0 probes without sending); a
+    pid that cannot be probed (another user's, out of range) counts as alive, so nothing a
+    live writer may still own is removed."""
     if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, owned by someone else
+    except (PermissionError, OverflowError, ValueError):
         return True
-    except OSError:
-        return False
     return True

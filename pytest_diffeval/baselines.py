@@ -37,7 +37,7 @@ from syrupy.extensions.base import AbstractSyrupyExtension
 
 from . import settings
 from . import tripwires as wires
-from ._io import distinct_name  # noqa: F401 - re-exported
+from ._io import distinct_name, pid_alive  # noqa: F401 - distinct_name re-exported
 from .exceptions import BaselineError, BaselineFormatError  # noqa: F401 - re-exported
 from .hardware import compute_capability, hardware_entries, hardware_key, select_entry  # noqa: F401 - re-exported
 from .metrics import MetricResult, compute_metric, get_metric
@@ -298,18 +298,6 @@ def _test_name(test_id: str) -> str:
     return test_id.split("::", 1)[-1]
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def remove_stale_tmp(baseline_file: Path) -> list[Path]:
     """Delete this baseline's temp files left by killed runs: those whose writer (the pid in
     the name) is gone, or older than :data:`STALE_TMP_SECONDS`."""
@@ -332,7 +320,7 @@ def _stale_tmp(tmp: Path) -> bool:
         old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
     except OSError:
         return False
-    return old or bool(match and not _pid_alive(int(match.group(1))))
+    return old or bool(match and not pid_alive(int(match.group(1))))
 
 
 def _referenced_sidecars(baseline_file: Path, data: dict[str, Any]) -> set[str]:

@@ -544,8 +544,9 @@ def apply_lora(pipe: Any, lora: str | os.PathLike, scale: float, *, weight_name:
         raise PipelineNotFoundError(
             f"pytest-diffeval: the LoRA {text!r} is the pickle file {weight_name!r} where a .safetensors file is "
             "expected: pickle files can execute code when loaded, so safetensors are the default (as for model "
-            "folders). Fix: convert it once in a trusted environment (safetensors.torch.save_file(torch.load(F), "
-            "'lora.safetensors')), or pass use_safetensors=False to diffusion_pipeline() if you trust this file.")
+            "folders). Fix: convert it once in a trusted environment "
+            "(safetensors.torch.save_file(torch.load(F, weights_only=True), 'lora.safetensors')), or pass "
+            "use_safetensors=False to diffusion_pipeline() if you trust this file.")
     try:
         pipe.load_lora_weights(location, weight_name=weight_name, adapter_name="diffeval_lora",
                                use_safetensors=use_safetensors)

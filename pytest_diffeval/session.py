@@ -15,7 +15,6 @@ and metric backbones (``metrics.backbones``), so in-process runs share a model o
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +112,3 @@ def is_worker(config: pytest.Config) -> bool:
     """An xdist worker (its config has ``workerinput``).  Not the environment variable: a
     pytest started from inside a worker (pytester) inherits it but is a controller."""
     return hasattr(config, "workerinput")
-
-
-def environ_model_override() -> str | None:
-    return os.environ.get("DIFFEVAL_MODEL") or None

@@ -315,7 +315,7 @@ def eviction(models: list[str]) -> None:
 def offload(model: str) -> None:
     import torch
 
-    from pytest_diffeval.baselines import hardware_key
+    from pytest_diffeval.hardware import hardware_key
     from pytest_diffeval.generation import generate_images
     from pytest_diffeval.pipelines import PipelineCache
 

@@ -10,12 +10,12 @@ writes text only), so this module keeps them.  Standard library only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
+from ._hashing import digest_text
 from .exceptions import UnsafePath
 
 
@@ -57,7 +57,7 @@ def distinct_name(cleaned: str, original: str, limit: int = 200) -> str:
     cleaning changed the name (``a/b`` and ``ab`` both clean to ``ab``) or it is longer than
     ``limit``, a short hash of ``original`` is appended, so two names never share a file."""
     if cleaned != original or len(cleaned) > limit:
-        return f"{cleaned[:limit - 10]}~{hashlib.sha256(original.encode()).hexdigest()[:8]}"
+        return f"{cleaned[:limit - 10]}~{digest_text(original, 8)}"
     return cleaned
 
 

@@ -25,16 +25,15 @@ every other cache here).  ``--diffeval-no-cache`` (or no cache dir) skips the on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from . import settings
+from ._hashing import digest_json, digest_stream
 from ._io import atomic_write_text
 from .embedded import resolve_embedded
 
@@ -88,7 +87,7 @@ class FingerprintCache:
         self.directory = Path(directory)
 
     def _path(self, key: list[Any]) -> Path:
-        name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+        name = digest_json(key, 32)
         return self.directory / name[:2] / f"{name}.json"
 
     def get(self, key: list[Any]) -> str | None:
@@ -119,11 +118,12 @@ def fingerprint_cache() -> FingerprintCache | None:
     return FingerprintCache(Path(current.cache_dir) / "fingerprints")
 
 
-def _hash_file_into(digest: Any, file: Path) -> None:
+def _file_chunks(file: Path) -> Iterator[bytes]:
+    """A file's bytes in 1 MiB chunks, counted in ``HASHED_BYTES``."""
     with open(file, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             HASHED_BYTES[0] += len(chunk)
-            digest.update(chunk)
+            yield chunk
 
 
 def _remembered(kind: str, path: Path, stats: Any, compute: Callable[[], str], restat: Callable[[], Any]) -> str:
@@ -158,16 +158,17 @@ def model_fingerprint(path: Path) -> str:
     def listing() -> list[tuple[Any, ...]]:
         return [(rel, *_stat_key(file)) for file, rel in files]
 
-    def compute() -> str:
-        digest = hashlib.sha256()
+    def parts() -> Iterator[bytes]:
         for file, rel in files:
-            digest.update(rel.encode())
+            yield rel.encode()
             blob = _blob_name(file)
             if blob is not None:
-                digest.update(blob.encode())
+                yield blob.encode()
             else:
-                _hash_file_into(digest, file)
-        return digest.hexdigest()[:16]
+                yield from _file_chunks(file)
+
+    def compute() -> str:
+        return digest_stream(parts(), 16)
 
     return _remembered("dir", path.resolve(), listing(), compute, listing)
 
@@ -177,9 +178,7 @@ def file_fingerprint(path: Path) -> str:
     path = Path(path)
 
     def compute() -> str:
-        digest = hashlib.sha256()
-        _hash_file_into(digest, path)
-        return digest.hexdigest()[:16]
+        return digest_stream(_file_chunks(path), 16)
 
     return _remembered("file", path.resolve(), list(_stat_key(path)), compute, lambda: list(_stat_key(path)))
 
@@ -192,20 +191,6 @@ def path_fingerprint(path: str | os.PathLike[str]) -> str:
     if path.is_dir():
         return f"dir:{model_fingerprint(path)}"
     return "missing"
-
-
-def array_digest(array: Any) -> str:
-    """``dtype:shape:hash`` of an array's contents, hashed in place (no copy of a contiguous
-    array); an array that repeats one entry along its first axis (stride 0, as ``generate``
-    carries one input image for all samples) is hashed as that entry once."""
-    array = np.asarray(array)
-    described = f"{array.dtype}:{tuple(array.shape)}"
-    digest = hashlib.sha256()
-    if array.ndim and array.shape[0] > 1 and array.strides[0] == 0:
-        digest.update(b"broadcast")
-        array = array[0]
-    digest.update(np.ascontiguousarray(array).data)
-    return f"{described}:{digest.hexdigest()[:24]}"
 
 
 def resolve_model_dir(name: str) -> tuple[str, Path | None]:
@@ -242,6 +227,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
         return None
 
 
-__all__ = ["FingerprintCache", "array_digest", "file_fingerprint", "fingerprint_cache", "hub_snapshot",
+__all__ = ["FingerprintCache", "file_fingerprint", "fingerprint_cache", "hub_snapshot",
            "model_fingerprint", "path_fingerprint",
            "resolve_model_dir"]

@@ -14,6 +14,10 @@ elements (catches writes through ``.data``, as LoRA fusing does), and the attent
 processors.  A changed pipeline is identified again from the content of the modules that
 changed (hashed once per object and signature, memoised through a weak reference).
 
+What the loader records about a pipeline (its provenance, identity and signature at load)
+is kept in a side table keyed weakly by the pipeline (:func:`remember_load`,
+:func:`load_provenance`), never set as attributes on it.
+
 Also here: the execution settings that change outputs without changing the weights (the
 attention processors, ``torch.compile``, TF32/cuDNN/determinism flags, SDXL's invisible
 watermark), which go into the provenance and the image-cache key.
@@ -21,13 +25,14 @@ watermark), which go into the provenance and the image-cache key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
+from ._hashing import digest_json, digest_stream
 from .fingerprints import path_fingerprint
 
 SAMPLE = 16  # leading elements of each tensor that go into a signature
@@ -41,7 +46,7 @@ class PipelineChangedWarning(UserWarning):
 
 
 def _sha(material: Any) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest_json(material, 24, default=str)
 
 
 def _config(obj: Any) -> Any:
@@ -82,10 +87,9 @@ def module_signature(module: Any) -> str:
             entries.append((name, id(tensor), getattr(tensor, "_version", 0), str(tensor.dtype), tuple(tensor.shape)))
             if tensor.numel() and tensor.device.type != "meta":
                 samples.setdefault(tensor.device, []).append(tensor.detach().reshape(-1)[:SAMPLE].to(torch.float64))
-        digest = hashlib.sha256(json.dumps(entries, default=str).encode())
-        for device in sorted(samples, key=str):
-            digest.update(torch.cat(samples[device]).cpu().numpy().tobytes())
-    return digest.hexdigest()[:24]
+        parts = [json.dumps(entries, default=str).encode(),
+                 *(torch.cat(samples[device]).cpu().numpy() for device in sorted(samples, key=str))]
+    return digest_stream(parts, 24)
 
 
 def _tensor_bytes(tensor: Any) -> Any:
@@ -146,19 +150,25 @@ def module_identity(obj: Any) -> str | None:
 
 
 def _module_content(module: Any) -> str | None:
+    """A module's content id: class, config, attention processors, then each tensor's name,
+    dtype, shape and bytes, streamed (never a second copy of the weights)."""
     import torch
 
-    digest = hashlib.sha256(json.dumps([type(module).__qualname__, _config(module), _attention(module)],
-                                       sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in _tensors(module):
-            if tensor.device.type == "meta":
-                return None  # weights not in this process (sequential offload): not identifiable
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    tensors = _tensors(module)
+    if any(tensor.device.type == "meta" for _, tensor in tensors):
+        return None  # weights not in this process (sequential offload): not identifiable
+
+    def parts() -> Any:
+        yield json.dumps([type(module).__qualname__, _config(module), _attention(module)],
+                         sort_keys=True, default=str).encode()
+        for name, tensor in tensors:
+            yield f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode()
             data = _tensor_bytes(tensor)
             HASHED_TENSOR_BYTES[0] += len(data) if isinstance(data, bytes) else data.nbytes
-            digest.update(data)
-    return digest.hexdigest()[:24]
+            yield data
+
+    with torch.no_grad():
+        return digest_stream(parts(), 24)
 
 
 def describe_option(value: Any) -> Any:
@@ -203,39 +213,76 @@ def pipeline_signature(pipe: Any) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class LoadRecord:
+    """What this package knows about a pipeline it loaded: its provenance (source, content
+    hash, load options...), its identity as loaded and the signature then, and the last
+    re-identification of a changed pipeline (signature, id), kept to hash a change once."""
+
+    provenance: dict[str, Any]
+    identity: str | None = None
+    signature: dict[str, Any] | None = None
+    reidentified: tuple[dict[str, Any], str | None] | None = None
+
+
+# Pipelines this package loaded -> their LoadRecord: a side table, so nothing is set on a
+# pipeline object (a user's pipeline stays as diffusers made it); an entry goes with its pipeline.
+_LOADED: "weakref.WeakKeyDictionary[Any, LoadRecord]" = weakref.WeakKeyDictionary()
+
+
+def _record(pipe: Any) -> LoadRecord | None:
+    try:
+        return _LOADED.get(pipe)
+    except TypeError:  # not weak-referenceable or not hashable: not one this package loaded
+        return None
+
+
+def remember_load(pipe: Any, provenance: dict[str, Any], identity: str | None) -> None:
+    """Record ``pipe`` as loaded by this package, with its ``provenance`` and ``identity``
+    (and its signature now, to notice later changes)."""
+    _LOADED[pipe] = LoadRecord(dict(provenance), identity, pipeline_signature(pipe) if identity else None)
+
+
+def share_load(wrapper: Any, pipe: Any) -> None:
+    """Let ``wrapper``, an object that stands for the loaded ``pipe`` (same components, e.g.
+    a test double that delegates to it), be identified as ``pipe`` is."""
+    record = _record(pipe)
+    if record is not None:
+        _LOADED[wrapper] = record
+
+
+def load_provenance(pipe: Any) -> dict[str, Any]:
+    """A copy of the provenance recorded when this package loaded ``pipe`` (``{}`` for a
+    pipeline it did not load)."""
+    record = _record(pipe)
+    return dict(record.provenance) if record is not None else {}
+
+
 def pipeline_identity(pipe: Any) -> str | None:
     """The pipeline's identity now: the one it was loaded with while nothing changed since,
     otherwise that one combined with the content of every component that changed.  None for
     a pipeline this package did not load, or one changed in a way that cannot be identified."""
-    loaded = getattr(pipe, "_diffeval_identity", None)
-    if not loaded:
+    loaded = _record(pipe)
+    if loaded is None or not loaded.identity or loaded.signature is None:
         return None
     current = pipeline_signature(pipe)
-    if current == loaded["signature"]:
-        return loaded["id"]
-    memo = getattr(pipe, "_diffeval_reidentified", None)
+    if current == loaded.signature:
+        return loaded.identity
+    memo = loaded.reidentified
     if memo is not None and memo[0] == current:
         return memo[1]
     components = getattr(pipe, "components", {})
-    changed = {name: module_identity(components.get(name)) for name in sorted(set(current) | set(loaded["signature"]))
-               if current.get(name) != loaded["signature"].get(name)}
-    value = None if None in changed.values() else _sha([loaded["id"], changed])
-    try:
-        pipe._diffeval_reidentified = (current, value)
-    except AttributeError:
-        pass
+    changed = {name: module_identity(components.get(name)) for name in sorted(set(current) | set(loaded.signature))
+               if current.get(name) != loaded.signature.get(name)}
+    value = None if None in changed.values() else _sha([loaded.identity, changed])
+    loaded.reidentified = (current, value)
     return value
-
-
-def remember_identity(pipe: Any, identity: str | None) -> None:
-    """Record ``identity`` as what ``pipe`` is as loaded, with its signature now."""
-    pipe._diffeval_identity = {"id": identity, "signature": pipeline_signature(pipe)} if identity else None
 
 
 def changed_since_load(pipe: Any) -> bool:
     """Whether a pipeline this package loaded was changed since (see :func:`pipeline_signature`)."""
-    loaded = getattr(pipe, "_diffeval_identity", None)
-    return bool(loaded) and pipeline_signature(pipe) != loaded["signature"]
+    loaded = _record(pipe)
+    return loaded is not None and loaded.signature is not None and pipeline_signature(pipe) != loaded.signature
 
 
 def torch_flags() -> dict[str, Any] | None:
@@ -273,6 +320,6 @@ def execution_settings(pipe: Any) -> dict[str, Any]:
             "watermark": getattr(pipe, "watermark", None) is not None}
 
 
-__all__ = ["PipelineChangedWarning", "changed_since_load", "describe_option", "execution_settings",
-           "module_identity", "module_signature", "options_identity", "pipeline_identity", "pipeline_signature",
-           "remember_identity", "torch_flags"]
+__all__ = ["LoadRecord", "PipelineChangedWarning", "changed_since_load", "describe_option", "execution_settings",
+           "load_provenance", "module_identity", "module_signature", "options_identity", "pipeline_identity",
+           "pipeline_signature", "remember_load", "share_load", "torch_flags"]

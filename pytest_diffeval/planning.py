@@ -12,32 +12,25 @@ Nothing here imports torch at module level (the plugin imports this module in ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ._version import __version__
+from ._hashing import digest_files, digest_json, library_versions
+from ._io import atomic_write_text
 from .counters import COUNTERS, Counters  # noqa: F401 - re-exported
 from .devices import PER_SAMPLE_ARGUMENTS, call_with_oom_backoff  # noqa: F401 - re-exported
-from .fingerprints import model_fingerprint
-from .generation import RUN_FIELDS, ImageCache, ImageSet, _jsonable, check_seeds, generate_images, pipeline_provenance
-from .generation import _fingerprint as fingerprint
-from .pipelines import _hub_snapshot, resolve_source
-from .report import atomic_write_text
+from .fingerprints import hub_snapshot, model_fingerprint
+from .generation import RUN_FIELDS, ImageCache, ImageSet, check_seeds, generate_images, jsonable, pipeline_provenance
+from .generation import fingerprint_arguments as _fingerprint
+from .pipelines import resolve_source
 
 # --------------------------------------------------------------------------- plans
-
-
-def _fingerprint(value: Any) -> Any:
-    return fingerprint(value)
 
 
 @dataclass(frozen=True)
@@ -53,7 +46,7 @@ class Plan:
     @property
     def id(self) -> str:
         material = [self.model, list(self.prompts), list(self.seeds), _fingerprint(self.call_kwargs)]
-        return hashlib.sha256(json.dumps(material, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+        return digest_json(material, 16)
 
     @classmethod
     def from_marker(cls, mark: Any, where: str) -> "Plan":
@@ -219,26 +212,24 @@ def memory_image_cache() -> Any:
 # --------------------------------------------------------------------------- lazy pipelines
 
 
-def _versions() -> dict[str, str]:
-    """Library versions without importing the libraries (what the memo is valid for)."""
-
-    out = {"pytest_diffeval": __version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "torchmetrics", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "-"
-    return out
+_PACKAGE = Path(__file__).resolve().parent
+# The code that computes a pipeline's provenance and its images' cache keys: each a module
+# (``name.py``) or a package of modules (``name/*.py``).
+_GENERATION_CODE = ("generation", "pipelines", "pixel_pipeline", "identity")
 
 
-def _code_digest() -> str:
+def generation_code_files(package: Path = _PACKAGE) -> list[Path]:
+    """The files of :data:`_GENERATION_CODE` under ``package``, a module or a package's modules each."""
+    files: list[Path] = []
+    for name in _GENERATION_CODE:
+        folder = package / name
+        files += sorted(folder.glob("*.py")) if folder.is_dir() else [package / f"{name}.py"]
+    return files
+
+
+def _code_digest(package: Path = _PACKAGE) -> str:
     """The generation code itself: a changed provenance or key recipe invalidates the memo."""
-    digest = hashlib.sha256()
-    for name in ("generation.py", "pipelines.py", "pixel_pipeline.py"):
-        path = Path(__file__).with_name(name)
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest_files(generation_code_files(package), 16)
 
 
 class ProvenanceMemo:
@@ -264,12 +255,12 @@ class ProvenanceMemo:
     def _compute_key(self, source: str, dtype: str, device: str) -> str | None:
         kind, path = resolve_source(source)
         if path is None:
-            path = _hub_snapshot(source, None)
+            path = hub_snapshot(source, None)
             if path is None:
                 return None
         material = {"source": source, "kind": kind, "path": str(path), "content": model_fingerprint(path),
-                    "dtype": dtype, "device": device, "versions": _versions(), "code": _code_digest()}
-        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+                    "dtype": dtype, "device": device, "versions": library_versions(), "code": _code_digest()}
+        return digest_json(material, 32)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -350,7 +341,7 @@ def images_from_cache(cache: Any, provenance: dict[str, Any], prompts: Sequence[
         images=np.stack([r[0] for r in results]),
         prompts=[p for p in prompts for _ in seeds],
         seeds=[s for _ in prompts for s in seeds],
-        call_kwargs=_jsonable(call_kwargs),
+        call_kwargs=jsonable(call_kwargs),
         provenance=dict(provenance),
         test_id=test_id,
         nonfinite=[r[1] for r in results],

@@ -49,8 +49,8 @@ from typing import Any
 
 from xdist.scheduler import LoadGroupScheduling, LoadScheduling, LoadScopeScheduling
 
+from ._io import atomic_write_text
 from .planning import Plan
-from .report import atomic_write_text
 
 DIFFEVAL_FIXTURES = frozenset({"generate", "diffusion_pipeline"})
 

@@ -8,6 +8,16 @@ the tolerance with 95% confidence, so a few noisy samples cannot fail a test, wh
 real drop shared by many samples does.  Set-level metrics (FID) have one number per run
 and compare it with the baseline's directly.
 
+Pass/fail per-sample metrics (every value 0 or 1: ``digit_match``, ``colour_match``,
+``good_image_rate``) are compared with the exact **McNemar** test instead: only the
+discordant samples (passed in one run, failed in the other) carry information, and the
+number that got worse is Binomial(d, 1/2) when nothing changed.  The t-test's normal
+approximation is wrong for such sparse 0/1 differences (4 of 64 samples worse and none
+better: t says regressed, the exact p-value is 1/16).  The verdict's bound is the
+one-sided 95% bound of the mean change from the exact (Clopper-Pearson) bound of the
+worse share among the d discordant samples, ``(d/n) * (1 - 2 * share_low)``; with a zero
+tolerance it regresses exactly when the one-sided McNemar p-value is below 0.05.
+
 A measured value that is NaN or infinite is never a pass: it is a regression whose
 message says so (``nan`` compares false with everything, so a naive ``effect < -tol``
 check would let it through).  A non-finite *baseline* is refused with ``ValueError``:
@@ -40,12 +50,14 @@ class Comparison:
     interval: tuple[float, float] | None  # two-sided 95% interval of the effect, paired only
     bound: float  # the one-sided 95% bound the verdict uses (the effect itself if unpaired)
     n: int
-    method: str  # "paired-t" or "value"
+    method: str  # "paired-t", "mcnemar" (0/1 per-sample values) or "value"
     verdict: str  # "pass", "regressed" or "improved"
     moved: list[dict[str, Any]] = field(default_factory=list)  # samples that moved most, worst first
     tolerance_source: str = ""  # where the tolerance came from (explicit, floor, 2x spread, calibrated noise)
     spread: float | None = None  # set-level metrics: the baseline's resampling spread
     note: str = ""  # why a verdict was forced (a non-finite measurement)
+    p_value: float | None = None  # McNemar: the exact one-sided p-value of the verdict's direction
+    discordant: tuple[int, int] | None = None  # McNemar: (samples worse, samples better) than the baseline
 
     @property
     def passed(self) -> bool:
@@ -79,8 +91,9 @@ def _require_finite_baseline(metric: str, values: list[float]) -> None:
 
 def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: dict[str, float],
                    baseline: dict[str, float], value: float, baseline_value: float, tolerance: float,
-                   top: int = 5) -> Comparison:
-    """Compare per-sample values keyed alike (``"<seed>|<prompt>"``)."""
+                   top: int = 5, binary: bool | None = None) -> Comparison:
+    """Compare per-sample values keyed alike (``"<seed>|<prompt>"``): the paired t, or the exact
+    McNemar test when the values are pass/fail (``binary``; None: when every value is 0 or 1)."""
     _require_tolerance(metric, tolerance)
     _require_finite_baseline(metric, [baseline_value, *baseline.values()])
     keys = [k for k in baseline if k in current]
@@ -95,7 +108,14 @@ def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: 
     diffs = np.array([sign * (current[k] - baseline[k]) for k in keys], dtype=np.float64)
     n = len(diffs)
     effect = float(diffs.mean()) if n else 0.0
-    if n >= 2 and float(diffs.std(ddof=1)) > 0:
+    if binary is None:
+        binary = n > 0 and all(current[k] in (0.0, 1.0) and baseline[k] in (0.0, 1.0) for k in keys)
+    p_value, discordant = None, None
+    if binary and n:
+        worse, better = int((diffs < 0).sum()), int((diffs > 0).sum())
+        interval, upper, lower, p_worse, p_better = _mcnemar(worse, better, n)
+        discordant = (worse, better)
+    elif n >= 2 and float(diffs.std(ddof=1)) > 0:
         se = float(diffs.std(ddof=1)) / math.sqrt(n)
         half = _t_quantile(0.5 + CONFIDENCE / 2, n - 1) * se
         interval: tuple[float, float] | None = (effect - half, effect + half)
@@ -109,6 +129,8 @@ def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: 
         verdict, bound = "improved", lower
     else:
         verdict, bound = "pass", upper
+    if discordant is not None:
+        p_value = p_better if verdict == "improved" else p_worse
     order = np.argsort(diffs)[:top]
     moved = [
         {"key": keys[i], "seed": int(keys[i].split("|", 1)[0]), "prompt": keys[i].split("|", 1)[1],
@@ -116,7 +138,29 @@ def compare_paired(metric: str, backbone: str, higher_is_better: bool, current: 
         for i in order
     ]
     return Comparison(metric, backbone, higher_is_better, value, baseline_value, tolerance, effect, interval,
-                      bound, n, "paired-t", verdict, moved)
+                      bound, n, "mcnemar" if discordant is not None else "paired-t", verdict, moved,
+                      p_value=p_value, discordant=discordant)
+
+
+def _mcnemar(worse: int, better: int, n: int) -> tuple[tuple[float, float], float, float, float, float]:
+    """The exact McNemar test of ``n`` paired 0/1 samples, ``worse`` of them 1 -> 0 and ``better``
+    0 -> 1: the two-sided 95% interval of the mean change, its one-sided 95% upper and lower
+    bounds, and the one-sided p-values of "worse" and of "better" (``scipy.stats.binomtest``
+    on the discordant counts; the bounds are its exact Clopper-Pearson bounds, conditional
+    on the number of discordant samples)."""
+    d = worse + better
+    if d == 0:  # nothing moved: no evidence either way
+        return (0.0, 0.0), 0.0, 0.0, 1.0, 1.0
+    from scipy.stats import binomtest
+
+    scale = d / n  # mean change = scale * (share better - share worse) = scale * (1 - 2 * share worse)
+    test_worse = binomtest(worse, d, 0.5, alternative="greater")
+    test_better = binomtest(better, d, 0.5, alternative="greater")
+    low, high = binomtest(worse, d, 0.5).proportion_ci(CONFIDENCE, method="exact")
+    upper = scale * (1 - 2 * test_worse.proportion_ci(CONFIDENCE, method="exact").low)
+    lower = -scale * (1 - 2 * test_better.proportion_ci(CONFIDENCE, method="exact").low)
+    return ((scale * (1 - 2 * high), scale * (1 - 2 * low)), upper, lower,
+            float(test_worse.pvalue), float(test_better.pvalue))
 
 
 def compare_values(metric: str, backbone: str, higher_is_better: bool, value: float, baseline_value: float,

@@ -5,12 +5,39 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+# pytester's in-process runs drop the modules first imported during the inner run when it ends;
+# torch and friends cannot be imported twice in one process, so import them here, once.
+import diffusers  # noqa: E402,F401
+import torch  # noqa: E402,F401
+import torchmetrics  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
+import pytest_diffeval  # noqa: E402
+
+
+def _own_modules() -> list:
+    """Every module of the package, imported now: pytester also drops the package's modules
+    first imported inside an inner run, and a second copy of a module means second copies of
+    its classes (an ``except DiffevalError`` that no longer matches)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(pytest_diffeval.__path__, "pytest_diffeval."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    return [m for name, m in sorted(sys.modules.items()) if name.split(".")[0] == "pytest_diffeval"]
+
+
+_MODULES = _own_modules()
 
 # Nothing in this suite may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +73,43 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if count:
         terminalreporter.write_line(f"{count} slow/browser tests deselected: run them with "
                                     "pytest tests/ -n 2 -m 'slow or browser' (.ci/run does, after installing Chromium)")
+
+
+@pytest.fixture(autouse=True)
+def _module_state_restored() -> Iterator[None]:
+    """The package's module state after a test is what it was before: in-process pytester
+    runs (and the conftests of their projects, which may patch the package's functions) share
+    this process with the suite.  Bindings of module attributes are restored, and so are the
+    contents of module-level lists, dicts and sets (the per-process caches, the metric
+    registry, the settings and counter stacks)."""
+    saved = []
+    for module in _MODULES:
+        names = {k: v for k, v in vars(module).items() if not k.startswith("__")}
+        contents = {k: (v.copy()) for k, v in names.items() if type(v) in (dict, list, set)}
+        saved.append((module, names, contents))
+    threads = torch.get_num_threads()
+    environ = dict(os.environ)
+    yield
+    for module, names, contents in saved:
+        current = vars(module)
+        for name in [n for n in current if n not in names and not n.startswith("__")
+                     and not isinstance(current[n], type(sys))]:
+            del current[name]
+        for name, value in names.items():
+            if current.get(name, _MISSING) is not value:
+                current[name] = value
+        for name, copy in contents.items():
+            value = names[name]
+            value.clear()
+            value.update(copy) if not isinstance(value, list) else value.extend(copy)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+_MISSING = object()
 
 
 @pytest.fixture(autouse=True)

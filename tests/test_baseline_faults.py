@@ -21,12 +21,12 @@ from pytest_diffeval.baselines import BaselineFormatError, read_baseline_file
 DISK_FULL_CONFTEST = """
 import errno, os
 if os.environ.get("DISK_FULL"):  # every baseline write fails as on a full disk
-    from pytest_diffeval import baselines as _baselines
+    from pytest_diffeval.baselines import extension as _extension
 
     def _full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    _baselines._atomic_write_text = _full
+    _extension.atomic_write_text = _full
 """
 
 
@@ -39,13 +39,13 @@ def test_an_update_says_updated_with_the_change_and_fails_when_nothing_was_writt
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     cheap_project(pytester, {"test_one": ["x", "y"]})
     (pytester.path / "conftest.py").write_text((pytester.path / "conftest.py").read_text() + DISK_FULL_CONFTEST)
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=2)
     recorded = _checks(pytester)
     assert {recorded[t]["verdict"] for t in ("test_one.py::test_case[x]", "test_one.py::test_case[y]")} == {"recorded"}
 
     # A 30-point regression rewritten by --snapshot-update: "updated", with what it replaced.
     monkeypatch.setenv("OFFSET", "-30")
-    result = pytester.runpytest_subprocess("--snapshot-update")
+    result = pytester.runpytest("--snapshot-update")
     result.assert_outcomes(passed=2)
     updated = _checks(pytester)
     for test in ("test_one.py::test_case[x]", "test_one.py::test_case[y]"):
@@ -64,7 +64,7 @@ def test_an_update_says_updated_with_the_change_and_fails_when_nothing_was_writt
     files = {p: p.read_bytes() for p in (pytester.path / "baselines").rglob("*.json")}
     monkeypatch.setenv("DISK_FULL", "1")
     monkeypatch.setenv("OFFSET", "-10")
-    failed = pytester.runpytest_subprocess("--snapshot-update")
+    failed = pytester.runpytest("--snapshot-update")
     failed.assert_outcomes(failed=2)
     out = failed.stdout.str()
     for path in files:
@@ -112,7 +112,7 @@ def test_malformed_baselines_fail_only_their_own_test(pytester: pytest.Pytester)
     """Deep nesting, a 400-digit value and a symlinked folder: each fails its own test with a
     corrupt-baseline error naming the file and the fix; the session and the other tests go on."""
     cheap_project(pytester, {"test_one": ["deep", "huge", "fine"], "test_two": ["linked"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=4)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=4)
     root = pytester.path / "baselines"
     deep, huge = root / "test_one" / "test_case[deep].json", root / "test_one" / "test_case[huge].json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
@@ -126,7 +126,7 @@ def test_malformed_baselines_fail_only_their_own_test(pytester: pytest.Pytester)
     (root / "test_two").rename(elsewhere)
     (root / "test_two").symlink_to(elsewhere, target_is_directory=True)
 
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest()
     result.assert_outcomes(passed=1, failed=3)
     out = result.stdout.str()
     assert "INTERNALERROR" not in out and "RecursionError" not in out
@@ -195,7 +195,7 @@ def test_two_concurrent_updates_leave_a_json_whose_statistics_file_exists(
             b_done.wait(timeout=1.5)  # B runs to its end here, unless the lock makes it wait for A
         return clean_up(*args, **kwargs)
 
-    monkeypatch.setattr(baselines, "remove_stale_sidecars", paused_clean_up)
+    monkeypatch.setattr(baselines.extension, "remove_stale_sidecars", paused_clean_up)
     errors: list[BaseException] = []
 
     def update(fill: float, done: threading.Event | None = None) -> None:
@@ -246,7 +246,7 @@ def test_an_update_session_sweeps_leftovers_of_every_test(pytester: pytest.Pytes
     live writer's temp file, a file of a JSON this version cannot read and a user's own
     ``.safetensors`` stay."""
     cheap_project(pytester, {"test_one": ["x"], "test_two": ["y"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=2)
     one, two = pytester.path / "baselines" / "test_one", pytester.path / "baselines" / "test_two"
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout)  # a process that has exited
@@ -263,7 +263,7 @@ def test_an_update_session_sweeps_leftovers_of_every_test(pytester: pytest.Pytes
         path.write_bytes(content)
     before = {p: p.read_bytes() for p in pytester.path.joinpath("baselines").rglob("*.json")}
 
-    pytester.runpytest_subprocess("--snapshot-update", "-p", "no:randomly").assert_outcomes(passed=2)
+    pytester.runpytest("--snapshot-update", "-p", "no:randomly").assert_outcomes(passed=2)
     assert {p: p.read_bytes() for p in before} == before  # nothing rewritten: the sweep alone removed them
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in kept)

@@ -50,7 +50,7 @@ def baseline_files(project: pytest.Pytester) -> list[Path]:
 
 def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     write_test(project)
-    recorded = project.runpytest_subprocess("--snapshot-update")
+    recorded = project.runpytest("--snapshot-update")
     recorded.assert_outcomes(passed=1)
     [file] = baseline_files(project)
     assert file == project.path / "baselines" / "test_user" / "test_alignment[0].json"
@@ -63,10 +63,10 @@ def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     assert clip["provenance"]["pipeline_class"] == "StableDiffusionPipeline"
     assert clip["backbone"].startswith("tiny-clip@")
 
-    project.runpytest_subprocess().assert_outcomes(passed=1)
+    project.runpytest().assert_outcomes(passed=1)
 
     darken(project.path / "model")
-    failed = project.runpytest_subprocess()
+    failed = project.runpytest()
     failed.assert_outcomes(failed=1)
     out = failed.stdout.str()
     assert "brightness regressed against the baseline" in out
@@ -78,10 +78,10 @@ def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     assert (images / "grid.png").is_file() and len(list(images.glob("0*.png"))) == 6
     assert "diffeval: metric checks" in out and "regressed" in out  # terminal summary row
 
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     updated = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]
     assert updated["value"] < data["checks"]["brightness"]["hardware"]["cpu/float32"]["value"] - 1.0
-    project.runpytest_subprocess().assert_outcomes(passed=1)
+    project.runpytest().assert_outcomes(passed=1)
 
 
 XDIST = pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "n2"])
@@ -90,7 +90,7 @@ XDIST = pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "n2"]
 @XDIST
 def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest.Pytester, xdist: list[str]) -> None:
     write_test(project)
-    result = project.runpytest_subprocess(*xdist)
+    result = project.runpytest(*xdist)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*no baseline for 'clip_score' of this test in *test_alignment[[]0[]].json*",
                                  "*record it with: pytest --snapshot-update 'test_user.py::test_alignment[[]0[]]'*"])
@@ -107,32 +107,42 @@ def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest
     ],
     ids=["truncated", "empty", "newer-format", "incomplete-entry"],
 )
-@XDIST
-def test_unusable_baseline_is_an_error_and_update_repairs_it(project: pytest.Pytester, content: str, message: str,
-                                                            xdist: list[str]) -> None:
+def test_unusable_baseline_is_an_error_and_update_repairs_it(project: pytest.Pytester, content: str,
+                                                            message: str) -> None:
+    unusable_then_repaired(project, content, message, [])
+
+
+def test_an_unusable_baseline_reads_the_same_under_xdist(project: pytest.Pytester) -> None:
+    """The message is built in the worker and travels in its report: one case under ``-n 2``
+    (the serial cases above cover each kind of damage)."""
+    unusable_then_repaired(project, '{"format_version": 1, "checks": {"clip_score": ', "not valid JSON", ["-n", "2"])
+
+
+def unusable_then_repaired(project: pytest.Pytester, content: str, message: str, xdist: list[str]) -> None:
+    """Record, damage the file with ``content``: the run fails naming it and saying
+    ``message``; an update repairs it (a newer format only once removed by hand)."""
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update", *xdist).assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update", *xdist).assert_outcomes(passed=1)
     [file] = baseline_files(project)
     file.write_text(content)
-    result = project.runpytest_subprocess(*xdist)
+    result = project.runpytest(*xdist)
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert message in out and str(file) in out and "re-record it with: pytest --snapshot-update" in out
     if "newer" in message:  # an update must not drop what a newer version wrote
-        refused = project.runpytest_subprocess("--snapshot-update", *xdist)
+        refused = project.runpytest("--snapshot-update", *xdist)
         refused.assert_outcomes(failed=1)
         assert "will not overwrite it" in refused.stdout.str() and file.read_text() == content
         file.write_text("{}")
-    project.runpytest_subprocess("--snapshot-update", *xdist).assert_outcomes(passed=1)
-    project.runpytest_subprocess(*xdist).assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update", *xdist).assert_outcomes(passed=1)
+    project.runpytest(*xdist).assert_outcomes(passed=1)
 
 
-@XDIST
-def test_provenance_mismatch_names_the_difference(project: pytest.Pytester, xdist: list[str]) -> None:
+def test_provenance_mismatch_names_the_difference(project: pytest.Pytester) -> None:
     write_test(project, seeds=2)
-    project.runpytest_subprocess("--snapshot-update", *xdist).assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     write_test(project, seeds=3)
-    result = project.runpytest_subprocess(*xdist)
+    result = project.runpytest()
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "was recorded under other conditions" in out
@@ -144,44 +154,44 @@ def test_other_backbone_is_a_mismatch_not_a_comparison(project: pytest.Pytester,
     from pytest_diffeval import tiny
 
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     other = tiny.build_tiny_clip(tmp_path / "other-clip", seed=1)
-    result = project.runpytest_subprocess(f"--diffeval-clip-model={other}")
+    result = project.runpytest(f"--diffeval-clip-model={other}")
     result.assert_outcomes(failed=1)
     assert "backbone: baseline 'tiny-clip@" in result.stdout.str() and "this run 'other-clip@" in result.stdout.str()
 
 
 def test_unused_baselines_are_reported_and_removed_on_update(project: pytest.Pytester) -> None:
     write_test(project, cases=2)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=2)
     assert len(baseline_files(project)) == 2
     write_test(project, cases=1)
-    result = project.runpytest_subprocess()
+    result = project.runpytest()
     assert "unused" in result.stdout.str()
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     assert [f.name for f in baseline_files(project)] == ["test_alignment[0].json"]
 
 
 def test_xdist_records_compares_and_fails_without_losing_entries(project: pytest.Pytester) -> None:
     cases = 8
     write_test(project, cases=cases)
-    project.runpytest_subprocess("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
+    project.runpytest("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
     files = baseline_files(project)
     assert len(files) == cases
     for file in files:
         assert set(json.loads(file.read_text())["checks"]) == {"brightness", "clip_score"}
-    passed = project.runpytest_subprocess("-n", "2")
+    passed = project.runpytest("-n", "2")
     passed.assert_outcomes(passed=cases)
     assert passed.stdout.str().count("test_user.py::test_alignment[") >= 2 * cases  # summary rows from workers
 
     darken(project.path / "model")
-    failed = project.runpytest_subprocess("-n", "2")
+    failed = project.runpytest("-n", "2")
     failed.assert_outcomes(failed=cases)
     # one failure per test; count the "E" lines only (the short summary repeats the message when the terminal is wide)
     caught = [line for line in failed.outlines if line.startswith("E ") and "brightness regressed against the baseline" in line]
     assert len(caught) == cases
-    project.runpytest_subprocess("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
-    project.runpytest_subprocess("-n", "2").assert_outcomes(passed=cases)
+    project.runpytest("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
+    project.runpytest("-n", "2").assert_outcomes(passed=cases)
     assert len(baseline_files(project)) == cases
 
 
@@ -190,23 +200,23 @@ GPU_KEY = "cuda/NVIDIA H100 80GB HBM3 (sm90)/float16"
 
 def test_baselines_are_kept_per_hardware(project: pytest.Pytester) -> None:
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
     data = json.loads(file.read_text())
     for check in data["checks"].values():  # pretend the baseline came from a GPU runner
         check["hardware"] = {GPU_KEY: check["hardware"]["cpu/float32"]}
     file.write_text(json.dumps(data))
-    result = project.runpytest_subprocess()
+    result = project.runpytest()
     result.assert_outcomes(failed=1)
     assert f"no baseline for 'clip_score' of this test on this hardware (cpu/float32; stored for: {GPU_KEY})" in result.stdout.str()
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     checks = json.loads(file.read_text())["checks"]
     assert sorted(checks["clip_score"]["hardware"]) == sorted(["cpu/float32", GPU_KEY])
-    project.runpytest_subprocess().assert_outcomes(passed=1)
+    project.runpytest().assert_outcomes(passed=1)
 
 
 def test_hardware_best_match() -> None:
-    from pytest_diffeval.baselines import hardware_key, select_entry
+    from pytest_diffeval.hardware import hardware_key, select_entry
 
     assert hardware_key({"device": "cpu", "device_kind": "cpu", "dtype": "torch.float32"}) == "cpu/float32"
     assert hardware_key({"device": "cuda:1", "device_kind": "NVIDIA A100 (sm80)", "dtype": "torch.float16"}) == \
@@ -226,7 +236,7 @@ A100 = "cuda/NVIDIA A100-SXM4-80GB (sm80)/float16"
 def test_hardware_best_match_prefers_the_same_compute_capability() -> None:
     """An H200 (sm90) run uses the H100 (sm90) entry although "A100" sorts first; without the
     same major capability, the nearest one; the dtype still comes first."""
-    from pytest_diffeval.baselines import compute_capability, select_entry
+    from pytest_diffeval.hardware import compute_capability, select_entry
 
     assert compute_capability("NVIDIA H100 80GB HBM3 (sm90)") == (9, 0)
     assert compute_capability("NVIDIA B200 (sm100)") == (10, 0)
@@ -245,25 +255,25 @@ def test_hardware_best_match_prefers_the_same_compute_capability() -> None:
 
 def test_improvement_passes_with_a_hint_and_update_ratchets_the_baseline(project: pytest.Pytester) -> None:
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
     before = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]["value"]
     darken(project.path / "model", amount=-0.5)  # brighter: better on this metric
-    improved = project.runpytest_subprocess("-W", "always")
+    improved = project.runpytest("-W", "always")
     improved.assert_outcomes(passed=1)
     assert "brightness improved beyond its tolerance" in improved.stdout.str() and "improved" in improved.stdout.str()
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     after = json.loads(file.read_text())["checks"]["brightness"]["hardware"]["cpu/float32"]["value"]
     assert after > before + 1.0
 
 
 def test_calibration_stores_benign_noise_and_derives_the_tolerance(project: pytest.Pytester) -> None:
     write_test(project)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
     assert "noise" not in json.loads(file.read_text())["checks"]["clip_score"]["hardware"]["cpu/float32"]
     # Calibrating a baseline that exists and still passes must store the noise all the same.
-    project.runpytest_subprocess("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=1)
     entry = json.loads(file.read_text())["checks"]["clip_score"]["hardware"]["cpu/float32"]
     noise = entry["noise"]
     assert noise["runs"] == 2 and noise["perturbations"] == [{"threads": 1}, {"batch_size": 1}]
@@ -274,7 +284,7 @@ def test_calibration_stores_benign_noise_and_derives_the_tolerance(project: pyte
     data["checks"]["brightness"]["hardware"]["cpu/float32"]["noise"] = {"runs": 2, "max_abs_effect": 50.0}
     file.write_text(json.dumps(data))
     darken(project.path / "model", amount=0.2)
-    result = project.runpytest_subprocess()
+    result = project.runpytest()
     result.assert_outcomes(passed=1)  # a drop smaller than 3 x 50 is within the calibrated noise
     assert "150" in result.stdout.str()  # the terminal table shows the derived tolerance
 
@@ -294,7 +304,7 @@ def test_drift_keeps_statistics_beside_the_baseline_and_catches_a_change(project
     check = ('diffeval_baseline.assert_no_regression(images, "clip_score")\n    '
              'diffeval_baseline.assert_no_regression(images, "drift", features="clip:" + CLIP)')
     project.makepyfile(test_user=DRIFT_TEST.format(checks=check))
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
     entry = json.loads(file.read_text())["checks"]["drift"]["hardware"]["cpu/float32"]
     sha = hashlib.sha256((file.parent / entry["details"]["statistics_file"]).read_bytes()).hexdigest()[:16]
@@ -302,7 +312,7 @@ def test_drift_keeps_statistics_beside_the_baseline_and_catches_a_change(project
     assert entry["details"]["statistics_file"] == stats.name and stats.is_file()
     assert entry["value"] == 0.0 and entry["details"]["seed_noise"] > 0
     assert entry["details"]["statistics_sha256"] == sha
-    project.runpytest_subprocess().assert_outcomes(passed=1)  # the same images: distance 0
+    project.runpytest().assert_outcomes(passed=1)  # the same images: distance 0
 
     # A format-1 baseline (statistics under the old name, not named in the JSON) still reads,
     # and --snapshot-update migrates it to the content-addressed name.
@@ -312,31 +322,31 @@ def test_drift_keeps_statistics_beside_the_baseline_and_catches_a_change(project
     data["format_version"] = 1
     del data["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"]
     file.write_text(json.dumps(data, indent=2))
-    project.runpytest_subprocess().assert_outcomes(passed=1)
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest().assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     migrated = json.loads(file.read_text())
     assert migrated["format_version"] == 2 and not legacy.exists() and stats.is_file()
     assert migrated["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"] == stats.name
 
     darken(project.path / "model")
-    failed = project.runpytest_subprocess()
+    failed = project.runpytest()
     failed.assert_outcomes(failed=1)
     assert "drift regressed against the baseline" in failed.stdout.str()
 
     stats.unlink()  # a baseline whose statistics were lost is unusable, never silently passed
-    lost = project.runpytest_subprocess()
+    lost = project.runpytest()
     lost.assert_outcomes(failed=1)
     assert "statistics file beside it is missing or was changed" in lost.stdout.str()
 
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     details = json.loads(file.read_text())["checks"]["drift"]["hardware"]["cpu/float32"]["details"]
     recorded = file.parent / details["statistics_file"]  # the darkened model's statistics: a new name
     assert recorded != stats and recorded.is_file() and recorded.name.endswith(f".{details['statistics_sha256']}.safetensors")
     assert [p.name for p in file.parent.glob("*.safetensors")] == [recorded.name]
-    project.runpytest_subprocess().assert_outcomes(passed=1)
+    project.runpytest().assert_outcomes(passed=1)
 
     project.makepyfile(test_user=DRIFT_TEST.format(checks='diffeval_baseline.assert_no_regression(images, "clip_score")'))
-    project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     assert set(json.loads(file.read_text())["checks"]) == {"clip_score"}
     assert list(file.parent.glob("*.safetensors")) == []
 
@@ -390,7 +400,7 @@ def snapshot_of(folder: Path) -> dict[str, bytes]:
 
 def test_baselines_of_a_deleted_test_file_are_reported_and_removed_on_update(pytester: pytest.Pytester) -> None:
     cheap_project(pytester, {"test_one": ["x", "y"], "test_two": ["z"], "test_three": ["w"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=4)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=4)
     root = pytester.path / "baselines"
     assert sorted(p.parent.name for p in root.rglob("*.json")) == ["test_one", "test_one", "test_three", "test_two"]
     [two] = (root / "test_two").glob("*.json")
@@ -398,26 +408,26 @@ def test_baselines_of_a_deleted_test_file_are_reported_and_removed_on_update(pyt
     kept = {name: snapshot_of(root / name) for name in ("test_one", "test_three")}
 
     (pytester.path / "test_two.py").unlink()
-    reported = pytester.runpytest_subprocess("--snapshot-details")
+    reported = pytester.runpytest("--snapshot-details")
     reported.assert_outcomes(passed=3)
     assert reported.ret != 0  # syrupy fails a run that leaves unused baselines (without --snapshot-warn-unused)
     out = reported.stdout.str()
     assert "1 snapshot unused" in out and "test_case[z][level]" in out
 
     # test_three.py exists but is not collected: its baselines are not unused, only test_two's.
-    updated = pytester.runpytest_subprocess("--snapshot-update", "--ignore=test_three.py")
+    updated = pytester.runpytest("--snapshot-update", "--ignore=test_three.py")
     updated.assert_outcomes(passed=2)
     assert "1 unused snapshot deleted" in updated.stdout.str()
     assert not (root / "test_two").exists()
     assert {name: snapshot_of(root / name) for name in ("test_one", "test_three")} == kept
-    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+    pytester.runpytest().assert_outcomes(passed=3)
 
 
 def test_ids_that_clean_to_one_file_name_keep_separate_baselines(pytester: pytest.Pytester) -> None:
     """``a/b`` and ``ab`` both clean to ``ab``: the changed one gets a hash of its id, and each
     file stores the id it belongs to, checked on every read."""
     cheap_project(pytester, {"test_ids": ["a/b", "ab"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=2)
     folder = pytester.path / "baselines" / "test_ids"
     hashed = f"test_case[ab]~{hashlib.sha256(b'test_case[a/b]').hexdigest()[:8]}.json"
     assert sorted(p.name for p in folder.glob("*.json")) == sorted(["test_case[ab].json", hashed])
@@ -425,16 +435,16 @@ def test_ids_that_clean_to_one_file_name_keep_separate_baselines(pytester: pytes
     assert slash["test"] == "test_ids.py::test_case[a/b]" and plain["test"] == "test_ids.py::test_case[ab]"
     [slash_entry], [plain_entry] = slash["checks"]["level"]["hardware"].values(), plain["checks"]["level"]["hardware"].values()
     assert slash_entry["value"] != plain_entry["value"]  # different images: neither overwrote the other
-    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+    pytester.runpytest().assert_outcomes(passed=2)
 
     (folder / "test_case[ab].json").write_bytes((folder / hashed).read_bytes())  # the collision of old versions
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest()
     result.assert_outcomes(passed=1, failed=1)
     assert "it was recorded for test 'test_ids.py::test_case[a/b]', not for this test 'test_ids.py::test_case[ab]'" \
         in result.stdout.str()
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=2)
     assert json.loads((folder / "test_case[ab].json").read_text())["test"] == "test_ids.py::test_case[ab]"
-    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+    pytester.runpytest().assert_outcomes(passed=2)
 
 
 def _set(entry: dict, field: str, value: object) -> None:
@@ -464,34 +474,34 @@ def _set(entry: dict, field: str, value: object) -> None:
 def test_a_malformed_entry_is_a_baseline_error_naming_the_field(pytester: pytest.Pytester, field: str,
                                                                 value: object, message: str) -> None:
     cheap_project(pytester, {"test_bad": ["c"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = (pytester.path / "baselines").rglob("*.json")
     data = json.loads(file.read_text())
     [(key, entry)] = data["checks"]["level"]["hardware"].items()
     _set(entry, field, value)
     file.write_text(json.dumps(data))  # json writes NaN / Infinity literals, which json.loads accepts
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "BaselineError" in out and str(file) in out and f"checks.level.hardware[{key!r}]" in out
     assert message in out and "re-record it with: pytest --snapshot-update" in out
     assert "Traceback" not in out and "ValueError" not in out and "AttributeError" not in out
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest().assert_outcomes(passed=1)
 
 
 def test_a_missing_format_version_is_named_not_called_newer(pytester: pytest.Pytester) -> None:
     cheap_project(pytester, {"test_bad": ["c"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = (pytester.path / "baselines").rglob("*.json")
     data = json.loads(file.read_text())
     del data["format_version"]
     file.write_text(json.dumps(data))
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "it has no 'format_version'" in out and "is newer" not in out and "format_version None" not in out
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
     assert json.loads(file.read_text())["format_version"] == 2
 
 
@@ -499,22 +509,22 @@ def test_an_explicit_tolerance_per_metric(pytester: pytest.Pytester, monkeypatch
     """Both metrics drop by exactly 0.5: a dict tolerance lets ``level`` pass (1.0) and
     fails ``spread`` (0.1); a float applies to both; an unknown name is an error."""
     cheap_project(pytester, {"test_tol": ["c"]}, metrics=["level", "spread"])
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
     monkeypatch.setenv("OFFSET", "-0.5")
     monkeypatch.setenv("TOLERANCE", json.dumps({"level": 1.0, "spread": 0.1}))
-    per_metric = pytester.runpytest_subprocess()
+    per_metric = pytester.runpytest()
     per_metric.assert_outcomes(failed=1)
     out = per_metric.stdout.str()
     assert "spread regressed against the baseline" in out and "level regressed" not in out
     assert "-tolerance 0.1000" in out and "tolerance 0.1000 from: explicit" in out
     monkeypatch.setenv("TOLERANCE", "1.0")
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    pytester.runpytest().assert_outcomes(passed=1)
     monkeypatch.setenv("TOLERANCE", "0.1")
-    both = pytester.runpytest_subprocess()
+    both = pytester.runpytest()
     both.assert_outcomes(failed=1)
     assert "spread regressed" in both.stdout.str() and "level regressed" in both.stdout.str()
     monkeypatch.setenv("TOLERANCE", json.dumps({"levle": 1.0}))
-    typo = pytester.runpytest_subprocess()
+    typo = pytester.runpytest()
     typo.assert_outcomes(failed=1)
     assert "tolerance names 'levle', which this call does not check (metrics: 'level', 'spread')" in typo.stdout.str()
 
@@ -534,14 +544,14 @@ def test_resolve_tolerances() -> None:
 
 def test_update_refuses_to_overwrite_a_newer_format(pytester: pytest.Pytester) -> None:
     cheap_project(pytester, {"test_new": ["c"]})
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = (pytester.path / "baselines").rglob("*.json")
     data = json.loads(file.read_text())
     data["format_version"] = 99
     data["checks"]["future_metric"] = {"something": "this version cannot read"}
     file.write_text(json.dumps(data))
     before = file.read_bytes()
-    refused = pytester.runpytest_subprocess("--snapshot-update")
+    refused = pytester.runpytest("--snapshot-update")
     refused.assert_outcomes(failed=1)
     out = refused.stdout.str()
     assert "format_version 99 is newer than this pytest-diffeval understands" in out
@@ -563,7 +573,7 @@ def test_update_refuses_to_overwrite_a_newer_format(pytester: pytest.Pytester) -
 def test_update_refuses_to_record_a_non_finite_value(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     cheap_project(pytester, {"test_nan": ["c"]})
     monkeypatch.setenv("OFFSET", "nan")
-    result = pytester.runpytest_subprocess("--snapshot-update")
+    result = pytester.runpytest("--snapshot-update")
     result.assert_outcomes(failed=1)
     assert "metric 'level' gave a non-finite result" in result.stdout.str()  # compute_metric refuses it first
     assert list((pytester.path / "baselines").rglob("*.json")) == []
@@ -682,6 +692,75 @@ def test_judge_reports_a_provenance_difference_instead_of_comparing() -> None:
         ["prompts: the prompt list differs from the baseline's"]
 
 
+# --------------------------------------------------------------------------- the syrupy channel
+
+
+def test_the_extension_judges_each_check_from_the_check_alone(setlevel_metric: None) -> None:
+    """Tolerance, update mode and test id travel in the asserted BaselineCheck: one extension
+    instance judges checks with different tolerances in any order and keeps no state."""
+    from pytest_diffeval.baselines import BaselineCheck, DiffevalBaselineExtension, StoredCheck, judge
+
+    record, stored = _judge_inputs(12.0)  # lower is better: 2.0 worse than the stored 10.0
+    extension = DiffevalBaselineExtension()
+    before = dict(vars(extension))
+    recalled = StoredCheck("b.json", "t.py::test_x", stored)
+    tolerances = (0.5, 5.0, 0.5)
+    matched = [extension.matches(serialized_data=BaselineCheck(record, t, False, "t.py::test_x"), snapshot_data=recalled)
+               for t in tolerances]
+    assert matched == [judge(record, stored, t).verdict == "pass" for t in tolerances] == [False, True, False]
+    # An improvement beyond the tolerance passes a normal run, and is rewritten by an update.
+    better, stored = _judge_inputs(5.0)
+    recalled = StoredCheck("b.json", "t.py::test_x", stored)
+    assert [extension.matches(serialized_data=BaselineCheck(better, 0.5, updating, "t.py::test_x"),
+                              snapshot_data=recalled) for updating in (False, True)] == [True, False]
+    assert vars(extension) == before
+
+
+def test_a_check_reads_its_outcome_from_syrupys_assertion_result(tmp_path: Path, setlevel_metric: None) -> None:
+    """Through a real SnapshotAssertion: two checks of one test with different tolerances each
+    get their own outcome, judged from syrupy's AssertionResult, and the extension instance
+    is unchanged by them; a file recorded for another test is Corrupt."""
+    from types import SimpleNamespace
+
+    from syrupy.assertion import SnapshotAssertion
+    from syrupy.exceptions import SnapshotDoesNotExist
+
+    from pytest_diffeval.baselines import BaselineCheck, Corrupt, DiffevalBaselineExtension, assert_check, judge
+
+    class InTmp(DiffevalBaselineExtension):
+        @classmethod
+        def dirname(cls, *, test_location: object) -> str:
+            return str(tmp_path)
+
+    class Session:  # what SnapshotAssertion asks of syrupy's session when nothing is written
+        def register_request(self, assertion: object) -> None:
+            pass
+
+        def recall_snapshot(self, extension, test_location, index):  # noqa: ANN001, ANN202
+            return extension.read_snapshot(test_location=test_location, index=index, session_id="s")
+
+    record, stored = _judge_inputs(12.0)
+    file = tmp_path / "test_x.json"
+    file.write_text(json.dumps({"format_version": 2, "test": "t.py::test_x", "checks": {"setlevel": stored}}))
+    snapshot = SnapshotAssertion(session=Session(), extension_class=InTmp, update_snapshots=False,
+                                 test_location=SimpleNamespace(snapshot_name="test_x", filepath=str(tmp_path / "t.py")))
+    before = dict(vars(snapshot.extension))
+    strict, strict_outcome, strict_result = assert_check(snapshot, "setlevel",
+                                                        BaselineCheck(record, 0.5, False, "t.py::test_x"))
+    loose, loose_outcome, loose_result = assert_check(snapshot, "setlevel",
+                                                     BaselineCheck(record, 5.0, False, "t.py::test_x"))
+    assert (strict, strict_outcome.verdict) == (False, judge(record, stored, 0.5).verdict) == (False, "regressed")
+    assert (loose, loose_outcome.verdict) == (True, judge(record, stored, 5.0).verdict) == (True, "pass")
+    assert strict_result.recalled_data.check == stored and loose_result.success
+    assert vars(snapshot.extension) == before
+    other, outcome, _ = assert_check(snapshot, "setlevel", BaselineCheck(record, 5.0, False, "t.py::test_y"))
+    assert not other and isinstance(outcome, Corrupt) and "recorded for test 't.py::test_x'" in outcome.reason
+    with pytest.raises(SnapshotDoesNotExist):  # nothing stored for a metric: syrupy's "missing", no outcome
+        snapshot.extension.read_snapshot(test_location=snapshot.test_location, index="level", session_id="s")
+    assert assert_check(snapshot, "level", BaselineCheck({**record, "metric": "level"}, None, False,
+                                                          "t.py::test_x"))[:2] == (False, None)
+
+
 # --------------------------------------------------------------------------- statistics files
 
 
@@ -694,9 +773,9 @@ from pytest_diffeval import baselines
 
 path, fill, kill_at = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 if kill_at == "before-json":  # the new statistics file is written, the JSON not yet replaced
-    baselines._atomic_write_text = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+    baselines.extension.atomic_write_text = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 if kill_at == "before-cleanup":  # the JSON is replaced, the old statistics file not yet deleted
-    baselines.remove_stale_sidecars = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+    baselines.extension.remove_stale_sidecars = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 record = {"metric": "drift", "backbone": "f", "higher_is_better": False, "value": 0.0, "signature": {},
           "details": {}, "provenance": {"device": "cpu", "dtype": "torch.float32"}, "_test": "t.py::test_x",
           "_state": {"tensors": {"real_features_sum": np.full(4, fill), "real_features_num_samples": np.array(8)},

@@ -258,7 +258,7 @@ def test_an_explicit_trust_remote_code_request_is_passed_through(user_project: p
             assert "trust_remote_code" not in calls[0]
             assert calls[1]["trust_remote_code"] is True and calls[1]["use_safetensors"] is True
     """)
-    user_project.runpytest_subprocess().assert_outcomes(passed=1)
+    user_project.runpytest().assert_outcomes(passed=1)
 
 
 def test_pickle_weights_are_refused_with_the_fix(tiny_models: dict[str, Path], tmp_path: Path) -> None:

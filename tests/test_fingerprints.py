@@ -161,14 +161,16 @@ def test_end_to_end_a_warm_cache_serves_nothing_to_a_model_whose_weights_were_sw
     pytester.makepyfile(test_project=PROJECT_TESTS.replace("{model!r}", repr(str(model))).replace("\n    ", "\n"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
-    def run() -> tuple[bool, bool]:
-        result = pytester.runpytest_subprocess("-s", "-p", "no:randomly")
+    def run(fresh: bool = False) -> tuple[bool, bool]:
+        """``fresh``: in a new process, where whether torch was imported is the subject."""
+        run_pytest = pytester.runpytest_subprocess if fresh else pytester.runpytest
+        result = run_pytest("-s", "-p", "no:randomly")
         result.assert_outcomes(passed=1)
         out = result.stdout.str()
         return "COMPUTED brightness" in out, "TORCH True" in out
 
     assert run() == (True, True)
-    assert run() == (False, False)  # warm: images and result from the cache, no model loaded
+    assert run(fresh=True) == (False, False)  # warm: images and result from the cache, no model loaded
     weights = next(model.glob("unet/*.safetensors"))
     stat = weights.stat()
     perturb_weights(model, "unet", scale=0.3)

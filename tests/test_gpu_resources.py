@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_diffeval import pipelines, settings
+from pytest_diffeval import settings
+from pytest_diffeval.pipelines import cache as pipeline_cache
 from pytest_diffeval.plugin import options, summary
 from pytest_diffeval.session import DiffevalSession
-from pytest_diffeval.baselines import hardware_key
+from pytest_diffeval.hardware import hardware_key
 from pytest_diffeval.generation import GpuMeter, generate_images, pipeline_provenance
+from pytest_diffeval.identity import load_provenance
 from pytest_diffeval.pipelines import PipelineCache, load_pipeline, pipeline_bytes
 from pytest_diffeval.planning import ProvenanceMemo
 
@@ -60,7 +62,7 @@ def fake_loads(monkeypatch: pytest.MonkeyPatch, use_settings: Any) -> list[str]:
         loaded.append(str(source))
         return FakePipe(str(source))
 
-    monkeypatch.setattr(pipelines, "load_pipeline", load)
+    monkeypatch.setattr(pipeline_cache, "load_pipeline", load)
     use_settings()
     return loaded
 
@@ -121,7 +123,7 @@ def test_on_cuda_pipelines_are_evicted_while_free_memory_is_short(fake_loads: li
         used_at_load.append(used())
         return FakePipe(str(source))
 
-    monkeypatch.setattr(pipelines, "load_pipeline", load)
+    monkeypatch.setattr(pipeline_cache, "load_pipeline", load)
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -143,7 +145,7 @@ def test_evictions_are_in_the_verbose_summary(fake_loads: list[str], monkeypatch
     cache = PipelineCache(max_pipelines=1)
     cache.get("org/a")
     cache.get("org/b")
-    monkeypatch.setattr(pipelines, "_PROCESS_PIPELINES", [cache])
+    monkeypatch.setattr(pipeline_cache, "_PROCESS_PIPELINES", [cache])
     lines = summary.counter_lines("gw1", summary.process_counters(DiffevalSession(settings.Settings())))
     assert any(line.startswith("diffeval evictions in gw1: org/a: 1") for line in lines), lines
 
@@ -168,7 +170,7 @@ def test_max_pipelines_option_evicts_in_a_real_run(user_project: pytest.Pytester
         diffeval_max_pipelines = 1
         filterwarnings = ignore::FutureWarning
     """))
-    result = user_project.runpytest_subprocess("-v", "-p", "no:randomly")
+    result = user_project.runpytest("-v", "-p", "no:randomly")
     result.assert_outcomes(passed=3)
     result.stdout.re_match_lines([r"diffeval loads in this process: pipelines .*tiny-sd: 2, .*tiny-t2i.*: 1",
                                   r"diffeval evictions in this process: .*tiny-sd: 1, .*tiny-t2i.*: 1 \(pipelines dropped"],
@@ -223,7 +225,7 @@ def test_xdist_workers_see_only_their_own_gpu(pytester: pytest.Pytester, monkeyp
             with open(os.path.join({str(out)!r}, f"{{worker}}-{{i}}"), "w") as f:
                 f.write(os.environ["CUDA_VISIBLE_DEVICES"] + " " + str(started))
     """))
-    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider")
+    result = pytester.runpytest("-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=6)
     seen = {p.name: p.read_text() for p in out.iterdir()}
     workers = {name.split("-")[0] for name in seen}
@@ -272,7 +274,7 @@ def test_device_map_pipelines_are_not_moved(tiny_models: dict[str, Path], placed
     pipe = load_pipeline(tiny_models["pipe"], pipeline_class=PlacedPipe, device="cuda:0", device_map="balanced")
     assert placed[0][0] == "from_pretrained" and placed[0][1]["device_map"] == "balanced"
     assert not [c for c in placed if c[0] == "to"]
-    assert pipe._diffeval_provenance["device_map"] == "'balanced'"
+    assert load_provenance(pipe)["device_map"] == "'balanced'"
 
 
 def test_model_offload_is_applied_after_loading_on_this_workers_gpu(tiny_models: dict[str, Path],
@@ -281,7 +283,7 @@ def test_model_offload_is_applied_after_loading_on_this_workers_gpu(tiny_models:
                          enable_model_cpu_offload=True)
     assert "enable_model_cpu_offload" not in placed[0][1]  # a load option of the plugin, not of from_pretrained
     assert placed[1:] == [("enable_model_cpu_offload", "cuda:1")]  # not moved; offloaded to the worker's GPU
-    assert pipe._diffeval_provenance["offload"] == "model"
+    assert load_provenance(pipe)["offload"] == "model"
     placed.clear()
     load_pipeline(tiny_models["pipe"], pipeline_class=PlacedPipe, device="cuda:1", enable_sequential_cpu_offload=True)
     assert placed[1:] == [("enable_sequential_cpu_offload", "cuda:1")]
@@ -340,7 +342,7 @@ class RecordingT2I:
 
 def test_gpu_time_and_peak_memory_are_in_the_provenance_and_the_report(fake_gpu: dict[str, Any],
                                                                        tiny_models: dict[str, Path]) -> None:
-    from pytest_diffeval.report import _provenance
+    from pytest_diffeval.report.html import _provenance
 
     images = generate_images(RecordingT2I(), ["a", "b", "c"], seeds=[0, 1], batch_size=4)
     assert images.provenance["gpu_peak_memory_mb"] == 3 * 1024.0

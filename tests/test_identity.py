@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pytest_diffeval.generation import ImageCache, generate_images
-from pytest_diffeval.identity import HASHED_TENSOR_BYTES, module_identity, pipeline_identity
+from pytest_diffeval.identity import HASHED_TENSOR_BYTES, load_provenance, module_identity, pipeline_identity
 from pytest_diffeval.pipelines import PipelineCache, default_variant, load_identity, load_pipeline
 from pytest_diffeval.tripwires import find_problems
 
@@ -113,7 +113,7 @@ def test_a_pipeline_changed_after_loading_is_identified_again(tiny_models: dict[
     cache = PipelineCache()
     pipe = cache.get(tiny_models["pipe"])
     loaded = pipeline_identity(pipe)
-    assert loaded == pipe._diffeval_provenance["pipeline_id"]
+    assert loaded == load_provenance(pipe)["pipeline_id"]
     if change == "load_state_dict":
         pipe.unet.load_state_dict({k: v * 0.5 for k, v in pipe.unet.state_dict().items()})
     elif change == "swapped module":
@@ -144,7 +144,7 @@ def test_fp16_variant_is_read_by_default_in_float16(tiny_models: dict[str, Path]
     assert default_variant(folder, torch.float32, {}) is None and default_variant(tiny_models["pipe"], torch.float16, {}) is None
     loaded = load_pipeline(folder, dtype="float16")
     assert loaded.unet.dtype == torch.float16 and torch.all(loaded.unet.conv_out.bias == 0.25)
-    assert loaded._diffeval_provenance["load_options"] == {"variant": "fp16"}
+    assert load_provenance(loaded)["load_options"] == {"variant": "fp16"}
     assert load_identity(folder, dtype="float16") == load_identity(folder, dtype="float16", variant="fp16")
     assert load_identity(folder, dtype="float16") != load_identity(folder, dtype="float16", variant=None)
 
@@ -159,9 +159,9 @@ def test_load_options_are_in_the_identity_and_the_provenance(tiny_models: dict[s
     assert load_identity(tiny_models["pipe"], attention_backend="native") != base
     pipe = load_pipeline(tiny_models["pipe"], torch_compile={"mode": "reduce-overhead"}, attention_backend="native")
     assert compiled == [("UNet2DConditionModel", {"mode": "reduce-overhead"})]
-    assert pipe._diffeval_provenance["load_options"] == {"torch_compile": {"mode": "reduce-overhead"},
+    assert load_provenance(pipe)["load_options"] == {"torch_compile": {"mode": "reduce-overhead"},
                                                          "attention_backend": "native"}
-    assert pipe._diffeval_provenance["pipeline_id"] == load_identity(
+    assert load_provenance(pipe)["pipeline_id"] == load_identity(
         tiny_models["pipe"], torch_compile={"mode": "reduce-overhead"}, attention_backend="native")
 
 
@@ -212,6 +212,7 @@ OFFLINE_SCRIPT = """
 import json, socket, sys, time
 
 import diffusers, transformers  # noqa: F401 - imported before the network is cut, as in a test session
+from pytest_diffeval.identity import load_provenance
 from pytest_diffeval.metrics.backbones import load_clip
 from pytest_diffeval.pipelines import load_pipeline
 
@@ -233,7 +234,7 @@ start = time.perf_counter()
 clip = load_clip("openai/tiny-clip-test")
 pipe = load_pipeline("diffeval-test/tiny-sd")
 print(json.dumps({"attempts": attempts, "seconds": time.perf_counter() - start, "clip": clip.id,
-                  "revision": pipe._diffeval_provenance["revision"]}))
+                  "revision": load_provenance(pipe)["revision"]}))
 """
 
 
@@ -285,14 +286,14 @@ def test_generate_takes_load_options_and_keeps_their_images_apart(user_project: 
             with pytest.raises(ValueError, match="load options [(]variant[)] with a pipeline that is already loaded"):
                 generate(diffusion_pipeline(CHECKED), ["a cat"], variant="fp16")
     """)
-    user_project.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
-    warm = user_project.runpytest_subprocess("-p", "no:randomly", "-v")
+    user_project.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+    warm = user_project.runpytest("-p", "no:randomly", "-v")
     warm.assert_outcomes(passed=2)
 
 
 def test_the_report_shows_the_identity_and_the_execution_settings(tiny_models: dict[str, Path]) -> None:
     from pytest_diffeval.generation import pipeline_provenance
-    from pytest_diffeval.report import _provenance
+    from pytest_diffeval.report.html import _provenance
 
     provenance = pipeline_provenance(load_pipeline(tiny_models["pipe"], safety_checker=None))
     shown = _provenance([{"provenance": provenance}], {})

@@ -4,6 +4,7 @@ per class, the registry of user metrics, and how metric errors and NaN results s
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from pytest_diffeval.generation import ImageSet
 from pytest_diffeval.metrics import (MetricError, MetricInputError, NonFiniteMetricError, compute_metric, get_metric,
                                      register_metric)
 from pytest_diffeval.metrics.backbones import BackboneNotFoundError, load_clip
+from pytest_diffeval.exceptions import ReferenceSetError
 
 from conftest import FAKE_COMMIT
 
@@ -279,6 +281,34 @@ def test_kid_is_seeded_adapts_its_subset_and_is_near_zero_within_a_distribution(
     assert abs(first.value) < 3 * first.details["std"] + 1e-6
     far = compute_metric("kid", shifted, reference=base, features=features)
     assert far.value > first.value + 3 * first.details["std"]
+
+
+def test_kid_states_its_true_minimum_and_warns_when_its_subsets_are_small(tiny_models: dict[str, Path]) -> None:
+    """Subsets hold half the smaller side and need 2 images: 3 per side is refused naming the
+    real minimum (4), which then works, with a warning that its subsets are tiny; 100 per
+    side (subsets of 50) does not warn."""
+    features = f"clip:{tiny_models['clip']}"
+    reference = random_images(100, 21)
+    with pytest.raises(MetricInputError, match=r"KID needs at least 4 images on each side.*got N=3 generated") as info:
+        compute_metric("kid", random_images(3, 22), reference=reference, features=features)
+    assert "fix:" in str(info.value)
+    with pytest.warns(UserWarning, match="KID on 4 generated and 100 reference images draws subsets of only 2"):
+        assert compute_metric("kid", random_images(4, 22), reference=reference, features=features).details[
+            "subset_size"] == 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*KID on", category=UserWarning)
+        assert compute_metric("kid", random_images(100, 23), reference=reference, features=features).details[
+            "subset_size"] == 50
+
+
+def test_fid_of_one_image_is_the_plugins_input_error_naming_n(tiny_models: dict[str, Path]) -> None:
+    """Not torchmetrics' RuntimeError wrapped in a MetricError: the plugin's own input error,
+    on either side."""
+    features = f"clip:{tiny_models['clip']}"
+    with pytest.raises(MetricInputError, match=r"FID needs at least 2 generated images.*got N=1; fix:"):
+        compute_metric("fid", random_images(1, 24), reference=random_images(8, 25), features=features)
+    with pytest.raises(ReferenceSetError, match=r"FID needs at least 2 reference images.*got N=1 .*fix:"):
+        compute_metric("fid", random_images(8, 24), reference=random_images(1, 25), features=features)
 
 
 def test_clip_score_matches_an_independent_clip_computation(tiny_models: Path) -> None:

@@ -122,14 +122,14 @@ def test_edit(diffeval_baseline):
 @pytest.mark.slow
 def test_new_metrics_work_in_assert_no_regression(user_project: pytest.Pytester) -> None:
     user_project.makepyfile(test_user=USER_TEST.format(channel=1, shift=3))
-    user_project.runpytest_subprocess("--snapshot-update", "-p", "no:randomly").assert_outcomes(passed=1)
+    user_project.runpytest("--snapshot-update", "-p", "no:randomly").assert_outcomes(passed=1)
     [baseline] = sorted((user_project.path / "baselines").rglob("*.json"))
     text = baseline.read_text()
     assert '"preservation_psnr"' in text and '"good_image_rate"' in text and '"seed_stability"' in text
     assert '"threshold": 60.0' in text  # metric options are part of the signature
     # the unmasked region degrades in green only: the red-based checks pass, PSNR regresses
     user_project.makepyfile(test_user=USER_TEST.format(channel=1, shift=120))
-    failed = user_project.runpytest_subprocess("-p", "no:randomly")
+    failed = user_project.runpytest("-p", "no:randomly")
     failed.assert_outcomes(failed=1)
     failed.stdout.fnmatch_lines(["*good_image_rate*pass*", "*seed_stability*pass*", "*preservation_psnr*regressed*"])
     assert baseline.read_text() == text

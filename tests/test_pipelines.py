@@ -3,12 +3,16 @@ identity and the errors a user sees."""
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
+from pytest_diffeval import identity
+from pytest_diffeval.identity import load_provenance, pipeline_identity
 from pytest_diffeval.pipelines import PipelineCache, PipelineNotFoundError, load_pipeline, model_fingerprint
 from pytest_diffeval.tiny import perturb_weights
 
@@ -18,14 +22,28 @@ def test_local_folder_loads_in_eval_mode_with_provenance(tiny_models: dict[str, 
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert not pipe.unet.training and not pipe.vae.training and not pipe.text_encoder.training
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
-    provenance = pipe._diffeval_provenance
+    provenance = load_provenance(pipe)
     assert provenance["model_kind"] == "local" and provenance["model_hash"] == model_fingerprint(tiny_models["pipe"])
+
+
+def test_a_loaded_pipeline_carries_no_attribute_of_this_package(tiny_models: dict[str, Path]) -> None:
+    """Provenance and identity live in identity.py's side table: the pipeline object is as
+    diffusers made it, and the record goes away with the pipeline."""
+    pipe = load_pipeline(tiny_models["pipe"])
+    assert [name for name in vars(pipe) if name.startswith("_diffeval")] == []
+    assert load_provenance(pipe)["pipeline_id"] == pipeline_identity(pipe) is not None
+    assert load_provenance(object()) == {} and pipeline_identity(object()) is None  # not loaded here
+    gone = weakref.ref(pipe)
+    records = len(identity._LOADED)
+    del pipe
+    gc.collect()
+    assert gone() is None and len(identity._LOADED) == records - 1
 
 
 def test_hub_id_resolves_through_the_hub_cache(hub_cache: Path) -> None:
     pipe = load_pipeline("diffeval-test/tiny-sd")
-    assert pipe._diffeval_provenance["model_kind"] == "hub"
-    assert pipe._diffeval_provenance["model_hash"] != "unknown"
+    assert load_provenance(pipe)["model_kind"] == "hub"
+    assert load_provenance(pipe)["model_hash"] != "unknown"
 
 
 def test_missing_model_says_where_it_looked_and_how_to_fix(hub_cache: Path) -> None:
@@ -94,7 +112,7 @@ def test_missing_hub_weights_skip_a_gpu_test_with_how_to_get_them_and_fail_under
         def test_not_gpu_marked_still_fails(generate):
             generate("nobody/not-downloaded", ["a cat"])
     """)
-    skipped = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider")
+    skipped = pytester.runpytest("-rs", "-p", "no:cacheprovider")
     skipped.assert_outcomes(skipped=2, failed=1)
     skipped.stdout.fnmatch_lines([
         "SKIPPED*needs the weights of 'nobody/not-downloaded', which are neither in the Hugging Face cache nor "
@@ -102,7 +120,7 @@ def test_missing_hub_weights_skip_a_gpu_test_with_how_to_get_them_and_fail_under
         "--diffeval-model=nobody/not-downloaded=PATH*",
     ])
     assert "cannot load the diffusion model 'nobody/not-downloaded'" in skipped.stdout.str()  # the unmarked test
-    required = pytester.runpytest_subprocess("--diffeval-require-gpu", "-p", "no:cacheprovider")
+    required = pytester.runpytest("--diffeval-require-gpu", "-p", "no:cacheprovider")
     required.assert_outcomes(failed=3)
     required.stdout.fnmatch_lines(["*needs the weights of 'nobody/not-downloaded'*a failure, not a skip, under "
                                    "--diffeval-require-gpu*"])

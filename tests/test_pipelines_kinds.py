@@ -20,8 +20,10 @@ import torch
 from PIL import Image
 
 from pytest_diffeval import tiny
-from pytest_diffeval.generation import ImageCache, InputError, generate_images
+from pytest_diffeval.exceptions import InputError
+from pytest_diffeval.generation import ImageCache, generate_images
 from pytest_diffeval.metrics import compute_metric
+from pytest_diffeval.identity import load_provenance
 from pytest_diffeval.pipelines import PipelineCache, load_pipeline
 from pytest_diffeval.tiny import perturb_weights
 
@@ -351,7 +353,7 @@ def test_lora_from_a_hub_id_and_dit_labels_through_the_hub_cache(models, tmp_pat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     pipe = load_pipeline(models["sd"], lora="diffeval-test/tiny-lora", lora_scale=0.5)
-    assert pipe._diffeval_provenance["lora"]["kind"] == "hub" and pipe._diffeval_provenance["lora"]["hash"] != "unknown"
+    assert load_provenance(pipe)["lora"]["kind"] == "hub" and load_provenance(pipe)["lora"]["hash"] != "unknown"
     dit = load_pipeline("diffeval-test/tiny-dit")
     assert generate_images(dit, [2], **STEPS).prompts == ["great white shark, white shark"]  # id2label from the hub copy
     with pytest.raises(FileNotFoundError, match="cannot load the LoRA 'nobody/no-lora'"):
@@ -486,7 +488,7 @@ def test_every_pipeline_records_passes_and_catches_a_broken_model(user_project: 
     """))
     user_project.makepyfile(test_edits=USER_TEST)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    user_project.runpytest_subprocess("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=8)
+    user_project.runpytest("--snapshot-update", "--diffeval-calibrate=2").assert_outcomes(passed=8)
     files = sorted((root / "baselines" / "test_edits").glob("*.json"))
     assert [f.name for f in files] == ["test_dit[goldfish].json", "test_dit[hen].json", "test_img2img.json",
                                        "test_inpainting.json", "test_instruct_pix2pix.json",
@@ -500,19 +502,19 @@ def test_every_pipeline_records_passes_and_catches_a_broken_model(user_project: 
     ip2p = json.loads((root / "baselines" / "test_edits" / "test_instruct_pix2pix.json").read_text())["checks"]
     assert {"clip_directional_similarity", "clip_image_similarity", "preservation_psnr"} == set(ip2p)
 
-    user_project.runpytest_subprocess().assert_outcomes(passed=8)
+    user_project.runpytest().assert_outcomes(passed=8)
 
     mask = centre_mask()
     mask[:4] = 255  # another mask: the numbers are not comparable, and the run says why
     Image.fromarray(mask).save(root / "mask.png")
-    changed = user_project.runpytest_subprocess("-k", "inpainting")
+    changed = user_project.runpytest("-k", "inpainting")
     changed.assert_outcomes(failed=1)
     assert "was recorded under other conditions" in changed.stdout.str() and "call_kwargs" in changed.stdout.str()
     Image.fromarray(centre_mask()).save(root / "mask.png")
 
     for name, component in BREAK.items():
         perturb_weights(mine[name], component, scale=3.0)
-    broken = user_project.runpytest_subprocess()
+    broken = user_project.runpytest()
     broken.assert_outcomes(failed=8)
     failures = _failures(broken.stdout.str())
     assert set(failures) == set(CAUGHT_BY)
@@ -550,7 +552,7 @@ def test_sdxl_prompt_2_and_negative_prompt_2_reach_the_pipeline_and_the_cache_ke
 
 
 def test_sdxl_warns_when_its_second_encoder_cuts_a_prompt(models, pipes) -> None:
-    from pytest_diffeval.generation import PromptTruncatedWarning
+    from pytest_diffeval.exceptions import PromptTruncatedWarning
 
     pipe = pipes.get(models["sdxl"])
     long = "a red square on a blue table next to a green circle " * 2
@@ -606,7 +608,7 @@ def test_lora_through_the_pipeline_fixture_is_cached_keyed_and_recorded(user_pro
     user_project.makeconftest(f"SD, LORA = {str(models['sd'])!r}, {str(models['lora'])!r}\n")
     user_project.makepyfile(test_lora=LORA_TEST)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    first = user_project.runpytest_subprocess("-s", "--snapshot-update")
+    first = user_project.runpytest("-s", "--snapshot-update")
     first.assert_outcomes(passed=1)
     line = next(l for l in first.stdout.lines if "LORA {" in l).split("LORA ", 1)[1]
     lora = json.loads(line)
@@ -614,6 +616,6 @@ def test_lora_through_the_pipeline_fixture_is_cached_keyed_and_recorded(user_pro
     stored = json.loads((user_project.path / "baselines" / "test_lora" / "test_lora.json").read_text())
     entry = stored["checks"]["preservation_psnr"]["hardware"]["cpu/float32"]
     assert entry["provenance"]["lora"] == lora  # the baseline says which LoRA, at which scale
-    again = user_project.runpytest_subprocess("-s")  # images now come from the on-disk cache
+    again = user_project.runpytest("-s")  # images now come from the on-disk cache
     again.assert_outcomes(passed=1)
     assert f"LORA {line}" in again.stdout.str()

@@ -10,7 +10,7 @@ import pytest
 
 
 def test_help_lists_the_options(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--help")
+    result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*diffusion model quality tests (pytest-diffeval)*", "*--diffeval-device=*",
                                  "*--diffeval-clip-model=*", "*--diffeval-require-gpu*", "*--snapshot-update*",
                                  "*diffeval_baselines_dir*"])
@@ -29,22 +29,23 @@ def test_many_tests_one_model_load_per_worker(user_project: pytest.Pytester) -> 
             assert diffusion_pipeline(PIPE) is diffusion_pipeline(PIPE)
             assert diffeval_device == "cpu"
     """)
-    result = user_project.runpytest_subprocess("-v")
+    result = user_project.runpytest("-v")
     result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(["diffeval loads in this process: pipelines *tiny-sd: 1*",
                                  "diffeval images in this process: 6 generated, 0 from the cache *"])
-    rerun = user_project.runpytest_subprocess("-v")
+    rerun = user_project.runpytest("-v")
     rerun.stdout.fnmatch_lines(["diffeval images in this process: 0 generated, 6 from the cache *"])
-    uncached = user_project.runpytest_subprocess("-v", "--diffeval-no-cache")
+    uncached = user_project.runpytest("-v", "--diffeval-no-cache")
     uncached.assert_outcomes(passed=6)
     assert "diffeval images in this process" not in uncached.stdout.str()
-    two = user_project.runpytest_subprocess("-v", "-n", "2")
+    two = user_project.runpytest("-v", "-n", "2")
     two.assert_outcomes(passed=6)
 
 
 def test_generated_images_are_deterministic_across_processes(user_project: pytest.Pytester, tmp_path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two processes, each with its own empty image cache, so both really generate."""
+    """This process (after whatever the suite ran in it) and a fresh one, each with its own
+    empty image cache, so both really generate."""
     user_project.makepyfile(test_det="""
         import os
         import numpy as np
@@ -58,7 +59,8 @@ def test_generated_images_are_deterministic_across_processes(user_project: pytes
     for run in range(2):
         out = tmp_path / f"pixels{run}.npy"
         monkeypatch.setenv("PIXELS_OUT", str(out))
-        result = user_project.runpytest_subprocess("-v", f"--diffeval-cache-dir={tmp_path / f'cache{run}'}")
+        run_pytest = user_project.runpytest_subprocess if run else user_project.runpytest
+        result = run_pytest("-v", f"--diffeval-cache-dir={tmp_path / f'cache{run}'}")
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines(["diffeval images in this process: 4 generated, 0 from the cache *"])
         pixels.append(np.load(out))
@@ -75,10 +77,10 @@ def test_gpu_marker_skips_with_a_reason_and_require_gpu_fails(pytester: pytest.P
         def test_needs_gpu():
             pass
     """)
-    skipped = pytester.runpytest_subprocess("-rs")
+    skipped = pytester.runpytest("-rs")
     skipped.assert_outcomes(skipped=1)
     skipped.stdout.fnmatch_lines(["*needs a CUDA GPU; run on a GPU machine with `pytest --diffeval-require-gpu`*"])
-    required = pytester.runpytest_subprocess("--diffeval-require-gpu")
+    required = pytester.runpytest("--diffeval-require-gpu")
     assert required.ret != 0
     required.stderr.fnmatch_lines(["*--diffeval-require-gpu was given but no CUDA GPU is available*"])
     message = required.stderr.str()
@@ -91,7 +93,7 @@ def test_cuda_device_requested_without_cuda_is_a_usage_error(user_project: pytes
         def test_device(diffeval_device):
             pass
     """)
-    result = user_project.runpytest_subprocess("--diffeval-device=cuda")
+    result = user_project.runpytest("--diffeval-device=cuda")
     assert result.ret != 0
     assert "--diffeval-device=cuda but torch" in result.stdout.str() + result.stderr.str()
 
@@ -105,7 +107,7 @@ def test_model_override_points_tests_at_another_model(user_project: pytest.Pytes
             print("MODEL", images.provenance["model"])
     """)
     missing = tmp_path / "not-a-model"
-    result = user_project.runpytest_subprocess("-s", f"--diffeval-model={missing}")
+    result = user_project.runpytest("-s", f"--diffeval-model={missing}")
     result.assert_outcomes(failed=1)
     assert "cannot load the diffusion model" in result.stdout.str() and str(missing) in result.stdout.str()
 
@@ -125,13 +127,13 @@ def test_ini_baselines_dir_moves_the_baselines(user_project: pytest.Pytester) ->
             diffeval_baseline.assert_no_regression(images, "clip_score")
             print("PATH", diffeval_baseline.path)
     """)
-    recorded = user_project.runpytest_subprocess("-s", "--snapshot-update")
+    recorded = user_project.runpytest("-s", "--snapshot-update")
     recorded.assert_outcomes(passed=1)
     expected = user_project.path / "review" / "stored" / "test_where" / "test_recorded.json"
     assert expected.is_file()
     assert not (user_project.path / "baselines").exists()
     recorded.stdout.fnmatch_lines([f"*PATH {expected}"])
-    compared = user_project.runpytest_subprocess()
+    compared = user_project.runpytest()
     compared.assert_outcomes(passed=1)
 
 
@@ -157,14 +159,14 @@ def test_fid_features_follow_the_ini_value_and_the_option(user_project: pytest.P
     option overrides it, and a baseline recorded with other features is not compared."""
     add_ini_line(user_project, "diffeval_fid_features = clip:diffeval/tiny-clip")
     user_project.makepyfile(test_fid=FID_TEST)
-    user_project.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    user_project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     assert fid_backbone(user_project).startswith("clip:diffeval/tiny-clip@")
 
     option = f"--diffeval-fid-features=clip:{tiny_models['clip']}"
-    mismatch = user_project.runpytest_subprocess(option)
+    mismatch = user_project.runpytest(option)
     mismatch.assert_outcomes(failed=1)
     mismatch.stdout.fnmatch_lines(["*was recorded under other conditions*", "*backbone*clip:diffeval/tiny-clip@*"])
-    user_project.runpytest_subprocess(option, "--snapshot-update").assert_outcomes(passed=1)
+    user_project.runpytest(option, "--snapshot-update").assert_outcomes(passed=1)
     assert fid_backbone(user_project).startswith("clip:tiny-clip@")
 
 
@@ -178,8 +180,8 @@ def test_batch_size_below_one_is_refused_even_when_cached(user_project: pytest.P
             with pytest.raises(ValueError, match="batch_size must be >= 1, got 0; fix: pass a positive"):
                 generate(PIPE, ["a"], num_inference_steps=1, batch_size=0)
     """)
-    user_project.runpytest_subprocess().assert_outcomes(passed=1)
-    user_project.runpytest_subprocess("--diffeval-batch-size=0").assert_outcomes(failed=1)
+    user_project.runpytest().assert_outcomes(passed=1)
+    user_project.runpytest("--diffeval-batch-size=0").assert_outcomes(failed=1)
 
 
 @pytest.mark.parametrize("choice, expected", [("auto", "1"), ("keep", "None"), ("3", "3")])
@@ -201,7 +203,7 @@ def test_worker_threads_one_limiter_that_honours_keep(pytester: pytest.Pytester,
             with open(f"threads-{worker_id}.txt", "w") as handle:
                 handle.write(str(os.environ.get("OMP_NUM_THREADS")))
     """)
-    result = pytester.runpytest_subprocess("-n", "2", f"--diffeval-worker-threads={choice}", "-p", "no:randomly")
+    result = pytester.runpytest("-n", "2", f"--diffeval-worker-threads={choice}", "-p", "no:randomly")
     result.assert_outcomes(passed=2)
     seen = {path.read_text() for path in pytester.path.glob("threads-gw*.txt")}
     assert seen == {expected}

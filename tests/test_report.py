@@ -110,7 +110,7 @@ def _run(pytester: pytest.Pytester, name: str, *args: str, results: str | None =
         mp.setenv("MKL_NUM_THREADS", "1")
         for leaked in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # when this suite runs under -n
             mp.delenv(leaked, raising=False)
-        result = pytester.runpytest_subprocess(*options)
+        result = pytester.runpytest(*options)
     results_dir = root / (results or "diffeval-results")
     return Run(name, int(result.ret), result.stdout.str(), result.parseoutcomes(), str(results_dir),
                str(root / report) if report else str(results_dir / "report.html"), str(junit), str(summary))
@@ -242,7 +242,7 @@ def test_results_always_keeps_the_images_of_passing_checks(scenario: Scenario) -
 
 def test_no_checks_no_results_directory(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_plain():\n    assert True\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert not (pytester.path / "diffeval-results").exists()
     assert "diffeval: metric checks" not in result.stdout.str()
@@ -523,6 +523,37 @@ def test_html_escapes_prompts_and_shrinks_large_images(tmp_path: Path) -> None:
     assert len(outputs.errors) == 2 and str(blocked / "metrics.json") in outputs.errors[0]
 
 
+def test_the_page_inlines_the_packages_stylesheet_and_script() -> None:
+    """``report.css`` and ``report.js`` are package files, read with importlib.resources: the
+    page inlines them whole, so it still fetches nothing from the network."""
+    from importlib import resources
+
+    from pytest_diffeval.report import render_html
+
+    files = resources.files("pytest_diffeval.report")
+    style = (files / "report.css").read_text(encoding="utf-8")
+    script = (files / "report.js").read_text(encoding="utf-8")
+    assert "body.failed-only .passed" in style and "data-render-check" in script  # the page's own files
+    page = render_html([])
+    assert f"<style>\n{style}</style>" in page and f"<script>\n{script}</script>" in page
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)
+
+
+def test_every_data_file_of_the_package_ships_in_the_wheel() -> None:
+    """A file of the package that is not Python (the report's CSS and JS, the embedded
+    weights) is in the wheel only when ``[tool.setuptools.package-data]`` names it: without
+    it a non-editable install renders no page."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the package's 3.10 support is not in question here
+    root = Path(__file__).resolve().parents[1]
+    package = root / "pytest_diffeval"
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {path for pattern in patterns["pytest_diffeval"] for path in package.glob(pattern)}
+    data = {path for path in package.rglob("*") if path.is_file() and path.suffix not in (".py", ".pyc")
+            and "__pycache__" not in path.parts}
+    assert package / "report" / "report.css" in data
+    assert data <= shipped, sorted(str(p.relative_to(package)) for p in data - shipped)
+
+
 def test_per_prompt_order_without_a_baseline_puts_the_worst_value_first(tmp_path: Path) -> None:
     from pytest_diffeval.report import per_prompt, render_html
 
@@ -650,7 +681,7 @@ def test_stale_or_tampered_baseline_thumbnails_are_not_shown(tmp_path: Path) -> 
     assert "does not match the sha256" in load_baseline_images(baseline).note
     thumb.write_bytes(original)
 
-    from pytest_diffeval.report import _thumbnail_digest
+    from pytest_diffeval.report.thumbnails import _thumbnail_digest
 
     outside = tmp_path / "outside.png"
     outside.write_bytes(original)

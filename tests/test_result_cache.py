@@ -274,8 +274,10 @@ def test_end_to_end_a_warm_rerun_computes_nothing_and_imports_no_torch(
     pytester.makepyfile(test_project=textwrap.dedent(PROJECT_TESTS))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
-    def run(*args: str) -> tuple[str, list[str]]:
-        result = pytester.runpytest_subprocess("-v", "-s", *args)
+    def run(*args: str, fresh: bool = False) -> tuple[str, list[str]]:
+        """``fresh``: in a new process, where what was imported is the subject."""
+        run_pytest = pytester.runpytest_subprocess if fresh else pytester.runpytest
+        result = run_pytest("-v", "-s", *args)
         result.assert_outcomes(passed=1)
         out = result.stdout.str()
         metrics = [line for line in out.splitlines() if line.startswith("diffeval metrics in this process")]
@@ -286,18 +288,18 @@ def test_end_to_end_a_warm_rerun_computes_nothing_and_imports_no_torch(
     assert line.startswith("diffeval metrics in this process: 3 computed, 0 from the cache ")
     assert what == ["brightness", "darkness", *HEAVY]
 
-    line, what = run()  # nothing changed: only the metric that did not opt in is computed, no torch
+    line, what = run(fresh=True)  # nothing changed: only the metric that did not opt in is computed, no torch
     assert line.startswith("diffeval metrics in this process: 1 computed, 2 from the cache ")
     assert what == ["darkness"]
 
     monkeypatch.setenv("DIFFEVAL_TEST_SCALE", "2")  # one option changed: that result alone
-    line, what = run()
+    line, what = run(fresh=True)
     assert line.startswith("diffeval metrics in this process: 2 computed, 1 from the cache ")
     assert what == ["brightness", "darkness"]
     monkeypatch.delenv("DIFFEVAL_TEST_SCALE")
 
     perturb_weights(clip, ".", scale=0.05)  # the CLIP backbone's weights file changed: clip_score alone
-    line, what = run()
+    line, what = run(fresh=True)
     assert line.startswith("diffeval metrics in this process: 2 computed, 1 from the cache ")
     assert what == ["darkness", "torch", "torchmetrics", "transformers"]  # CLIP, but no pipeline
 

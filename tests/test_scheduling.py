@@ -100,7 +100,7 @@ def test_two_models_on_two_workers_each_model_is_loaded_by_one_worker(
         shutil.copytree(tiny_models["pipe"], user_project.path / name)
     user_project.makeconftest(f"A = {str(user_project.path / 'model-a')!r}\nB = {str(user_project.path / 'model-b')!r}\n")
     user_project.makepyfile(test_models=textwrap.dedent(TWO_MODELS))
-    result = user_project.runpytest_subprocess("-v", "-n", "2")
+    result = user_project.runpytest("-v", "-n", "2")
     result.assert_outcomes(passed=8)
     loads = loads_per_worker(result)
     assert sorted(loads) == ["gw0", "gw1"], result.stdout.str()
@@ -130,7 +130,7 @@ def test_one_model_on_two_workers_spreads_and_each_worker_generates_only_its_pla
         user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> None:
     project = counting_project(user_project, tiny_models)
     project.makepyfile(test_one=textwrap.dedent(ONE_MODEL))
-    result = project.runpytest_subprocess("-v", "-n", "2", "--diffeval-no-cache", "--diffeval-batch-size=8")
+    result = project.runpytest("-v", "-n", "2", "--diffeval-no-cache", "--diffeval-batch-size=8")
     result.assert_outcomes(passed=10)
     loads = loads_per_worker(result)
     assert loads == {"gw0": {"tiny-sd": 1}, "gw1": {"tiny-sd": 1}}, result.stdout.str()  # spread: one load each
@@ -143,5 +143,5 @@ def test_one_model_on_two_workers_spreads_and_each_worker_generates_only_its_pla
 
 
 def test_an_unknown_dist_mode_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("-n", "2", "--diffeval-dist=nonsense")
+    result = pytester.runpytest("-n", "2", "--diffeval-dist=nonsense")
     assert result.ret != 0 and "--diffeval-dist='nonsense': use 'model' or 'xdist'" in result.stderr.str()

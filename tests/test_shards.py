@@ -120,6 +120,20 @@ def test_results_merge_joins_runners_into_one_metrics_json_and_report(
     assert "test_m.py::test_a" in report and "test_m.py::test_b" in report
 
 
+@pytest.mark.parametrize("verdict", ["below threshold", "updated"])
+def test_a_merge_of_one_runner_writes_the_head_its_run_wrote(tmp_path: Path, verdict: str) -> None:
+    """``metrics.json`` has one builder of its head (``report.document_head``): a merge of one
+    runner's directory has the summary and test entries that runner wrote (an updated check,
+    not judged, is not counted as failed by either)."""
+    one = results_dir(tmp_path / "runner1", "test_m.py::test_b", 12.0, verdict, "1/1")
+    assert main(["results", "merge", str(one), "--out", str(tmp_path / "merged")]) == 0
+    written = json.loads((one / "metrics.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    assert merged["summary"] == written["summary"] and merged["summary"]["checks"] == 1
+    assert merged["summary"]["failed_checks"] == (verdict != "updated")
+    assert merged["tests"] == written["tests"] and merged["format_version"] == written["format_version"]
+
+
 def test_results_merge_refuses_overlap_and_input_that_is_not_results(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one = results_dir(tmp_path / "runner1", "test_m.py::test_a", 31.5, "pass", "1/2")

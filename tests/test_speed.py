@@ -16,6 +16,7 @@ import torch
 
 from pytest_diffeval import settings
 from pytest_diffeval.generation import ImageCache, ImageSet, generate_images
+from pytest_diffeval.identity import share_load
 from pytest_diffeval.metrics import compute_metric
 from pytest_diffeval.pipelines import PipelineCache
 from pytest_diffeval.planning import COUNTERS, Plan, _provenance_of
@@ -89,7 +90,7 @@ class OomPipe:
 
     def __init__(self, pipe: Any, fits: int) -> None:
         self.pipe, self.fits, self.sizes = pipe, fits, []
-        self._diffeval_provenance = pipe._diffeval_provenance
+        share_load(self, pipe)  # identified (and cached) as the pipeline it wraps
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
@@ -171,7 +172,13 @@ COUNTING_CONFTEST = """
         CALLS.append(len(kwargs["prompt"]))
         return _original(self, *args, **kwargs)
 
-    diffusers.StableDiffusionPipeline.__call__ = _counting
+    WRAPPER = _counting  # what the pipeline's __call__ is during this session
+
+    def pytest_configure(config):  # patched for this session only: the run may be in-process
+        diffusers.StableDiffusionPipeline.__call__ = WRAPPER
+
+    def pytest_unconfigure(config):
+        diffusers.StableDiffusionPipeline.__call__ = _original
 
     def pytest_sessionfinish(session):
         with open("calls.jsonl", "a") as handle:
@@ -221,13 +228,13 @@ def test_per_prompt_tests_with_a_plan_generate_in_full_batches_and_a_warm_rerun_
         user_project: pytest.Pytester, tiny_models: dict[str, Path]) -> None:
     project = counting_project(user_project, tiny_models)
     project.makepyfile(test_planned=textwrap.dedent(PLANNED_TESTS))
-    cold = project.runpytest_subprocess("-v", "-s", "--diffeval-batch-size=8")
+    cold = project.runpytest("-v", "-s", "--diffeval-batch-size=8")
     cold.assert_outcomes(passed=8)
     assert calls(project) == {"main": [8, 8]}  # 16 samples in two full batches, not 8 calls of 2
     cold.stdout.fnmatch_lines(["diffeval features in this process: 24 computed, * from the cache *",
                                "diffeval plans in this process: 8 planned tests; 16 samples generated for them in "
                                "2 batches"])
-    warm = project.runpytest_subprocess("-v", "-s", "--diffeval-batch-size=8")
+    warm = project.runpytest("-v", "-s", "--diffeval-batch-size=8")
     warm.assert_outcomes(passed=8)
     assert calls(project) == {"main": []}
     warm.stdout.fnmatch_lines(["diffeval loads in this process: pipelines none",  # and no backbone
@@ -235,7 +242,7 @@ def test_per_prompt_tests_with_a_plan_generate_in_full_batches_and_a_warm_rerun_
                                "diffeval metrics in this process: 0 computed, 8 from the cache *"])
     assert "diffeval features in this process" not in warm.stdout.str()  # no backbone pass either
     assert hashes(warm) == hashes(cold) and len(hashes(cold)) == 8
-    uncached = project.runpytest_subprocess("-v", "-s", "--diffeval-batch-size=8", "--diffeval-no-cache")
+    uncached = project.runpytest("-v", "-s", "--diffeval-batch-size=8", "--diffeval-no-cache")
     uncached.assert_outcomes(passed=8)
     assert calls(project) == {"main": [8, 8]}  # batched through the in-memory store
     assert hashes(uncached) == hashes(cold)
@@ -270,7 +277,7 @@ def test_workers_sharing_a_cache_never_generate_a_sample_twice(user_project: pyt
     cache entries the workers split the 16 between them (without: 24 generated)."""
     project = counting_project(user_project, tiny_models)
     project.makepyfile(test_overlap=textwrap.dedent(OVERLAPPING_TESTS))
-    result = project.runpytest_subprocess("-n", "2", "-s", "-v")
+    result = project.runpytest("-n", "2", "-s", "-v")
     result.assert_outcomes(passed=2)
     per_worker = calls(project)
     assert sorted(per_worker) == ["gw0", "gw1", "main"] and per_worker["main"] == []
@@ -304,13 +311,11 @@ HELPED_TESTS = """
 """
 
 SLOW_BATCHES = """
-    _counting_fast = diffusers.StableDiffusionPipeline.__call__
-
     def _slow(self, *args, **kwargs):  # a model whose batches take a while, as real ones do
         time.sleep(0.4)
-        return _counting_fast(self, *args, **kwargs)
+        return _counting(self, *args, **kwargs)
 
-    diffusers.StableDiffusionPipeline.__call__ = _slow
+    WRAPPER = _slow
 """
 
 
@@ -327,13 +332,13 @@ def test_an_idle_worker_helps_generate_another_workers_planned_samples(user_proj
     conftest.write_text("import time\n" + conftest.read_text() + textwrap.dedent(SLOW_BATCHES))
     project.makepyfile(test_helped=textwrap.dedent(HELPED_TESTS))
 
-    serial = project.runpytest_subprocess("-p", "no:cacheprovider", "--diffeval-no-cache")
+    serial = project.runpytest("-p", "no:cacheprovider", "--diffeval-no-cache")
     serial.assert_outcomes(passed=2)
     calls(project)
     expected = (project.path / "hashes-big.txt").read_text()
     assert not [p for p in project.path.rglob("*") if "memory" in p.name]  # no cache: no claim folder either
 
-    result = project.runpytest_subprocess("-n", "2", "-v")
+    result = project.runpytest("-n", "2", "-v")
     result.assert_outcomes(passed=2)
     per_worker = calls(project)
     assert sum(sum(batches) for batches in per_worker.values()) == 34, per_worker  # 32 + 2, none twice

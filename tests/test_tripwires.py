@@ -120,16 +120,16 @@ def test_snapshot_update_refuses_to_record_tripwired_images(pytester: pytest.Pyt
     pytester.makepyfile(test_black=BLACKABLE_TEST)
     baseline = pytester.path / "baselines" / "test_black" / "test_levels.json"
     monkeypatch.setenv("BLACK", "1")
-    first = pytester.runpytest_subprocess("--snapshot-update")
+    first = pytester.runpytest("--snapshot-update")
     first.assert_outcomes(failed=1)
     first.stdout.fnmatch_lines(["*TripwireError*4 of 4 images are all black*"])
     assert not baseline.exists()  # nothing recorded from black images
 
     monkeypatch.delenv("BLACK")
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=1)
     recorded = baseline.read_bytes()
     monkeypatch.setenv("BLACK", "1")
-    again = pytester.runpytest_subprocess("--snapshot-update")
+    again = pytester.runpytest("--snapshot-update")
     again.assert_outcomes(failed=1)
     again.stdout.fnmatch_lines(["*TripwireError*all black*"])
     assert baseline.read_bytes() == recorded  # the healthy baseline is not overwritten
@@ -166,9 +166,9 @@ def test_nan_from_a_real_pipeline_trips_fresh_and_from_the_image_cache(user_proj
             assert_metric(images, "anything", at_least=0)
     """)
     expected = ["*TripwireError*2 of 2 images had NaN/inf in the pipeline's output*fix: run in float32*"]
-    fresh = user_project.runpytest_subprocess("-v")
+    fresh = user_project.runpytest("-v")
     fresh.assert_outcomes(failed=1)
     fresh.stdout.fnmatch_lines(expected + ["diffeval images in this process: 2 generated, 0 from the cache *"])
-    cached = user_project.runpytest_subprocess("-v")
+    cached = user_project.runpytest("-v")
     cached.assert_outcomes(failed=1)
     cached.stdout.fnmatch_lines(expected + ["diffeval images in this process: 0 generated, 2 from the cache *"])

@@ -5,11 +5,15 @@ a non-finite measurement never passes, a non-finite baseline is refused."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from pytest_diffeval import ImageSet
+from pytest_diffeval.baselines import build_record, judge, regression_message
+from pytest_diffeval.metrics import _REGISTRY, MetricResult, get_metric, register_metric
 from pytest_diffeval.verdicts import CONFIDENCE, compare_paired, compare_values
 
 
@@ -99,3 +103,107 @@ def test_a_non_finite_baseline_is_refused_not_compared(bad: float) -> None:
 def test_a_tolerance_that_cannot_decide_is_refused(tolerance: float) -> None:
     with pytest.raises(ValueError, match="tolerance for fid must be a finite number >= 0"):
         compare_values("fid", "bb", False, 10.0, 10.0, tolerance)
+
+
+# ---------------------------------------------------------------- McNemar (0/1 per-sample values)
+
+
+def pass_fail(worse: int, better: int, n: int = 64, *, tolerance: float = 0.0, binary: bool | None = None):
+    """compare_paired on ``n`` pass/fail samples: ``worse`` passed in the baseline and fail now,
+    ``better`` the reverse, the rest pass in both."""
+    baseline = {f"{i}|prompt {i}": 1.0 if i < worse else 0.0 if i < worse + better else 1.0 for i in range(n)}
+    current = {k: 0.0 if i < worse else 1.0 for i, k in enumerate(baseline)}
+    return compare_paired("digit_match", "checker", True, current, baseline, float(np.mean(list(current.values()))),
+                          float(np.mean(list(baseline.values()))), tolerance, binary=binary)
+
+
+def test_pass_fail_samples_are_judged_by_the_exact_mcnemar_test_of_scipy() -> None:
+    c = pass_fail(7, 2)
+    assert c.method == "mcnemar" and c.discordant == (7, 2)
+    expected = stats.binomtest(7, 9, 0.5, alternative="greater").pvalue
+    assert c.p_value == pytest.approx(expected, rel=1e-12)
+    assert c.effect == pytest.approx((2 - 7) / 64)
+    assert c.verdict == ("regressed" if expected < 1 - CONFIDENCE else "pass")
+    strong = pass_fail(9, 0)
+    assert strong.p_value == pytest.approx(stats.binomtest(9, 9, 0.5, alternative="greater").pvalue, rel=1e-12)
+    assert strong.verdict == "regressed" and strong.bound < 0
+
+
+@pytest.mark.parametrize("worse,better", [(w, b) for w in range(0, 12) for b in range(0, 5)])
+def test_with_no_tolerance_mcnemar_regresses_exactly_when_its_p_value_is_below_5_percent(worse, better) -> None:
+    """The bound is the exact (Clopper-Pearson) one, the inversion of the same binomial test."""
+    c = pass_fail(worse, better)
+    p = stats.binomtest(worse, worse + better, 0.5, alternative="greater").pvalue if worse + better else 1.0
+    assert (c.verdict == "regressed") == (p < 1 - CONFIDENCE)
+
+
+def test_mcnemar_not_the_t_test_decides_sparse_pass_fail_changes() -> None:
+    """4 of 64 samples worse, none better: the t-test's normal approximation calls it a
+    regression; the exact p-value is 1/16, no evidence at the 5% level."""
+    t = pass_fail(4, 0, binary=False)
+    assert t.method == "paired-t" and t.verdict == "regressed"
+    c = pass_fail(4, 0)
+    assert c.method == "mcnemar" and c.verdict == "pass"
+    assert c.p_value == pytest.approx(stats.binomtest(4, 4, 0.5, alternative="greater").pvalue, rel=1e-12)
+
+
+def test_the_tolerance_still_applies_to_pass_fail_changes() -> None:
+    """9 of 64 worse is significant (p = 0.002) but a mean drop of 0.14 is within a tolerance of 0.2."""
+    assert pass_fail(9, 0, tolerance=0.0).verdict == "regressed"
+    assert pass_fail(9, 0, tolerance=0.2).verdict == "pass"
+    assert pass_fail(0, 9).verdict == "improved"
+
+
+def test_values_other_than_0_and_1_keep_the_paired_t() -> None:
+    assert paired(around(-1.5, 0.1, 12)).method == "paired-t"
+
+
+# ---------------------------------------------------------------- failure messages (baselines.judge)
+
+
+def test_a_pass_fail_regression_names_the_mcnemar_test_and_its_counts() -> None:
+    c = pass_fail(9, 2)
+    assert c.verdict == "regressed"
+    message = regression_message(c, Path("b.json"), "pytest --snapshot-update t")
+    p = stats.binomtest(9, 11, 0.5, alternative="greater").pvalue
+    assert f"McNemar exact, 9 of 11 discordant pairs worse (one-sided p = {p:.3g})" in message
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_a_regression_message_uses_one_sign_convention(higher_is_better: bool) -> None:
+    """Every change in the message is this run minus the baseline: a FID that rose by 20.26
+    prints +20.26 everywhere, never -20.26 as well."""
+    worse = -20.26 if higher_is_better else 20.26
+    value = compare_values("fid", "bb", higher_is_better, 4.74 + worse, 4.74, 1.9)
+    sample = paired(around(-1.5, 0.1, 8), higher_is_better=higher_is_better)  # 1.5 worse per sample
+    for c in (value, sample):
+        assert c.verdict == "regressed"
+        message = regression_message(c, Path("b.json"), "pytest --snapshot-update t")
+        raw = c.value - c.baseline
+        assert f"change: {raw:+.4f}" in message and f"{-raw:+.4f}" not in message
+        if c is sample:
+            assert f"mean change {raw:+.4f}" in message
+        bound = "< -tolerance" if higher_is_better else "> +tolerance"
+        assert f"{bound} {c.tolerance:.4f}" in message
+
+
+@pytest.mark.parametrize("binary,method", [(None, "mcnemar"), (True, "mcnemar"), (False, "paired-t")])
+def test_the_metric_registration_decides_the_paired_test_of_a_baseline(binary, method) -> None:
+    """``register_metric(binary=...)`` reaches the judge: None detects 0/1 values, False keeps the t."""
+    import pytest_diffeval.embedded.metrics  # noqa: F401  registers digit_match / colour_match
+
+    assert get_metric("digit_match").binary and get_metric("colour_match").binary
+    assert get_metric("good_image_rate").binary and get_metric("clip_score").binary is None
+    register_metric("passfail", binary=binary)(lambda images: None)
+    try:
+        images = ImageSet(images=np.zeros((8, 4, 4, 3), dtype=np.uint8), prompts=list("abcdefgh"), seeds=[0] * 8)
+        before, after = np.ones(8), np.array([0, 0, 0, 1, 1, 1, 1, 1.0])
+        record = build_record(MetricResult("passfail", float(after.mean()), "bb", True, per_sample=after), images, {})
+        entry = build_record(MetricResult("passfail", 1.0, "bb", True, per_sample=before), images, {})
+        c = judge(record, {"hardware": {"cpu/unknown": entry}}, 0.0)
+        assert c.method == method
+        if method == "mcnemar":
+            assert c.discordant == (3, 0)
+            assert c.p_value == pytest.approx(stats.binomtest(3, 3, 0.5, alternative="greater").pvalue, rel=1e-12)
+    finally:
+        _REGISTRY.pop("passfail", None)

@@ -36,12 +36,14 @@ def checker() -> Any:
     return DigitChecker.from_pretrained(path)
 
 
-@register_metric("digit_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER, cacheable=True)
+@register_metric("digit_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER, cacheable=True,
+                 binary=True)
 def digit_match(images: Any) -> np.ndarray:
     return checker().check(images.images, images.prompts)["digit"].astype(np.float64)
 
 
-@register_metric("colour_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER, cacheable=True)
+@register_metric("colour_match", higher_is_better=True, absolute_tolerance=0.05, backbone=CHECKER, cacheable=True,
+                 binary=True)
 def colour_match(images: Any) -> np.ndarray:
     verdict = checker().check(images.images, images.prompts)
     return (verdict["fg"] & verdict["bg"]).astype(np.float64)

@@ -55,6 +55,9 @@ class Metric:
     absolute_tolerance: float = 0.0
     relative_tolerance: float = 0.0
     keeps_state: bool = False  # True: baselines store the result's ``state`` beside their JSON
+    # Per-sample values are pass/fail (0 or 1): paired verdicts use the exact McNemar test
+    # (verdicts.py).  None: decided from the values (McNemar when every one is 0 or 1).
+    binary: bool | None = None
     # True: compute_metric may return a stored result (metrics/result_cache.py).  Only for
     # metrics whose result depends on nothing but the images, the options and the backbone.
     cacheable: bool = False
@@ -77,8 +80,9 @@ class FunctionMetric(Metric):
 
     def __init__(self, name: str, func: Callable[..., Any], *, higher_is_better: bool,
                  absolute_tolerance: float, relative_tolerance: float, backbone: str,
-                 cacheable: bool = False) -> None:
+                 cacheable: bool = False, binary: bool | None = None) -> None:
         self.name = name
+        self.binary = binary
         self.func = func
         self.higher_is_better = higher_is_better
         self.absolute_tolerance = absolute_tolerance
@@ -129,12 +133,15 @@ def register_metric(
     relative_tolerance: float = 0.0,
     backbone: str = "custom",
     cacheable: bool = False,
+    binary: bool | None = None,
 ) -> Any:
     """Register a :class:`Metric` instance, or (as a decorator) a per-sample function.
 
     ``cacheable=True`` lets the result cache keep the function's results: promise that they
     depend only on the images, the options and ``backbone`` (an embedded name or a local
-    folder is keyed by its files; the function's own source file is part of the key)."""
+    folder is keyed by its files; the function's own source file is part of the key).
+    ``binary=True`` declares pass/fail values (1 or 0 per image): baselines compare them with
+    the exact McNemar test; the default (None) does so whenever every value is 0 or 1."""
     if isinstance(name_or_metric, Metric):
         _REGISTRY[name_or_metric.name] = name_or_metric
         return name_or_metric
@@ -143,7 +150,7 @@ def register_metric(
         _REGISTRY[name_or_metric] = FunctionMetric(
             name_or_metric, func, higher_is_better=higher_is_better,
             absolute_tolerance=absolute_tolerance, relative_tolerance=relative_tolerance, backbone=backbone,
-            cacheable=cacheable,
+            cacheable=cacheable, binary=binary,
         )
         return func
 

@@ -6,13 +6,13 @@ downloaded.  Also the weights-file loader the VGG style loss shares: safetensors
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import settings
+from .._hashing import digest_file
 from . import Metric, MetricResult, WeightsFileNotFoundError
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
@@ -101,7 +101,7 @@ def load_aesthetic_mlp(path: str | Path) -> tuple[torch.nn.Sequential, str]:
     mlp = laion_aesthetic_mlp(sizes[0], tuple(sizes[1:]))
     mlp.load_state_dict({k: v.float() for k, v in state.items()})
     mlp.eval()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    digest = digest_file(path, 12)
     result = (mlp, f"aesthetic:{path.name}@{digest}")
     _CACHE[key] = result
     return result

@@ -5,7 +5,6 @@ spares a rerun every backbone pass it already did."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .. import settings
+from .._hashing import digest_stream
 from .._io import atomic_path
 from ..counters import COUNTERS
 from ..devices import device_kind
@@ -43,9 +43,8 @@ class FeatureCache:
 
     def key(self, backbone: str, kind: str, row: torch.Tensor, context: str) -> str:
         data = row.detach().to("cpu").contiguous()
-        digest = hashlib.sha256(f"{backbone}|{kind}|{context}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:32]
+        header = f"{backbone}|{kind}|{context}|{data.dtype}|{tuple(data.shape)}|".encode()
+        return digest_stream([header, data.reshape(-1).view(torch.uint8).numpy()], 32)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"

@@ -52,6 +52,7 @@ class GoodImageRate(_Derived):
     name = "good_image_rate"
     higher_is_better = True
     per_sample = True
+    binary = True  # 1 or 0 per image: paired verdicts use McNemar
     absolute_tolerance = 0.05
 
     def compute(self, images: Any, *, of: str = "clip_score", threshold: float | None = None,

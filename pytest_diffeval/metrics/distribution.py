@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # imported where used: a cached result needs neither torch no
     import torch
 
 SEED = 0  # KID's random subsets are drawn from this seed: same images, same number
+# KID warns below this subset size (fewer than 100 images on the smaller side).  At the
+# release suite's 64-image subsets one subset's estimate already varies ~20x the value.
+KID_MIN_SUBSET = 50
 
 
 def _reference_arrays(reference: Any) -> Iterator[np.ndarray]:
@@ -54,8 +57,15 @@ class KID(Metric):
         # Half the smaller set (at most torchmetrics' 1000): subsets then differ, so their
         # spread (``std``) says how much the number would move with other images.
         subset_size = min(1000, min(len(images), len(real)) // 2)
-        if subset_size < 2:
-            raise MetricInputError(f"pytest-diffeval: KID needs at least 2 images on each side, got {len(images)} and {len(real)}")
+        if subset_size < 2:  # an unbiased MMD needs 2 images per subset: 4 per side
+            raise MetricInputError(
+                f"pytest-diffeval: KID needs at least {2 * 2} images on each side (its subsets hold half the smaller "
+                f"side, and an unbiased MMD needs 2 per subset), got N={len(images)} generated and {len(real)} "
+                "reference images; fix: generate more prompts or seeds (or use CMMD or a per-sample metric)")
+        if subset_size < KID_MIN_SUBSET:
+            warnings.warn(f"pytest-diffeval: KID on {len(images)} generated and {len(real)} reference images draws "
+                          f"subsets of only {subset_size} images (half the smaller side), so its value is mostly "
+                          f"noise; use at least {2 * KID_MIN_SUBSET} images on each side", UserWarning, stacklevel=3)
         metric = KernelInceptionDistance(feature=fid.inception, subsets=subsets, subset_size=subset_size,
                                          reset_real_features=False, normalize=False).to(device)
         _update_from_arrays(metric, iter(real), True, device, batch_size)

@@ -18,7 +18,6 @@ not drifted.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import settings
+from .._hashing import digest_file
 from .._io import atomic_path
 from . import Metric, MetricResult
 from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, set_feature_precision, update_capturing_features
@@ -71,7 +71,8 @@ def seed_noise(features: torch.Tensor, splits: int = SPLITS, seed: int = 0) -> f
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """A statistics file's content id as baselines record it (16 hex digits of its sha256)."""
+    return digest_file(path, 16)
 
 
 class Drift(Metric):

@@ -3,7 +3,6 @@ feature statistics are computed once and cached on disk (safetensors, never pick
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -14,9 +13,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from .. import settings
+from .._hashing import digest_array, digest_files, digest_text
 from .._io import atomic_path
 from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
-from ..fingerprints import array_digest, file_fingerprint
+from ..fingerprints import file_fingerprint
 from ..generation import read_pixels
 from . import Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
 
@@ -193,11 +193,8 @@ def _load_folder(folder: Path) -> Iterator[np.ndarray]:
 
 
 def _folder_fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256(b"read_pixels 2")  # how files become pixels (16-bit scaled since 2)
-    for file in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return "read_pixels 2:" + digest_files(files, 16)  # how files become pixels (16-bit scaled since 2)
 
 
 def _update_from_arrays(metric: FrechetInceptionDistance, arrays: Iterator[np.ndarray], real: bool, device: str,
@@ -265,7 +262,7 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
         source = {"kind": "statistics", "path": str(path)}
     else:
         if hasattr(reference, "images") and hasattr(reference, "sample_keys"):
-            content = array_digest(reference.images)  # pixels, shape and dtype
+            content = digest_array(reference.images)  # pixels, shape and dtype
             arrays: Any = iter(reference.images)
             source = {"kind": "imageset", "n": len(reference)}
         else:
@@ -278,7 +275,7 @@ def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, prep
 
         dims = metric.real_features_sum.shape[0]
         key = json.dumps([feature_id, dims, preprocessing, torchmetrics.__version__, content])
-        path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+        path = cache_dir() / f"{digest_text(key, 24)}.safetensors"
         tensors = read_cached_statistics(path, key, dims)  # another key's, corrupt or misshapen: a miss
         source["cached"] = tensors is not None
         if tensors is None:
@@ -330,12 +327,19 @@ class FID(Metric):
                 batch_size: int = 64) -> MetricResult:
         import torch
 
+        if len(images) < 2:  # torchmetrics would fail later, deep inside compute(), with a RuntimeError
+            raise MetricInputError(f"pytest-diffeval: FID needs at least 2 generated images (a covariance needs 2), "
+                                   f"got N={len(images)}; fix: generate more prompts or seeds (FID is stable only "
+                                   "with hundreds of images; for a few, use CMMD or a per-sample metric)")
         device = device or settings.resolved_device()
         features = features or settings.current().fid_features
         metric, feature_id, preprocessing = _feature_extractor(features, device)
         metric, preprocessing = set_feature_precision(metric.to(device), device, preprocessing)
         num_features = int(metric.real_features_sum.shape[0])
         source = reference_statistics(metric, feature_id, preprocessing, reference, device, batch_size)
+        if source["n"] < 2:
+            raise ReferenceSetError(f"pytest-diffeval: FID needs at least 2 reference images (a covariance needs 2), "
+                                    f"got N={source['n']} in {reference!r}; fix: use a larger reference set")
         fake = update_capturing_features(metric, images, False, device, batch_size)
         metric.orig_dtype = torch.float64  # torchmetrics casts the result to the features' dtype; keep float64
         value = float(metric.compute())

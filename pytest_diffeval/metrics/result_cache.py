@@ -33,30 +33,26 @@ computation raised are stored and raised again on a hit.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import inspect
 import json
 import os
-import platform
 import sys
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .. import settings
+from .._hashing import digest_array, digest_bytes, digest_files, digest_json, digest_text, library_versions
 from .._io import atomic_path
-from .._version import __version__
 from ..counters import COUNTERS
 from ..devices import device_kind
 from ..embedded import resolve_embedded
-from ..fingerprints import array_digest, hub_snapshot, path_fingerprint, resolve_model_dir
+from ..fingerprints import hub_snapshot, path_fingerprint, resolve_model_dir
 from .result import MetricResult
 
 FORMAT = 2  # 2: entries record their arrays' dtypes and shapes
-_VERSIONED = ("torch", "torchmetrics", "transformers", "diffusers", "torch-fidelity", "numpy", "safetensors")
 
 
 class Unkeyable(Exception):
@@ -65,26 +61,12 @@ class Unkeyable(Exception):
 
 # --------------------------------------------------------------------------- key material
 
-_MEMO: dict[str, Any] = {}  # per process: versions, code digests
+_MEMO: dict[str, Any] = {}  # per process: code digests
 _PACKAGE = Path(__file__).resolve().parent.parent
 
 
-def _versions() -> dict[str, str]:
-    """Package versions from their metadata (imports none of them)."""
-    if not _MEMO.get("versions"):
-
-        found = {"pytest_diffeval": __version__, "python": platform.python_version()}
-        for name in _VERSIONED:
-            try:
-                found[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                found[name] = "-"
-        _MEMO["versions"] = found
-    return _MEMO["versions"]
-
-
 def code_digest(metric: Any) -> str:
-    """pytest-diffeval's metric code (``metrics/``, ``embedded/``, ``generation.py``) and the
+    """pytest-diffeval's metric code (``metrics/``, ``embedded/``, ``generation/``) and the
     file that defines ``metric`` (a user metric's module): editing either invalidates."""
     func = getattr(metric, "func", None)
     try:
@@ -94,12 +76,8 @@ def code_digest(metric: Any) -> str:
     memo = f"code:{own}"
     if memo not in _MEMO:
         files = sorted({*(_PACKAGE / "metrics").glob("*.py"), *(_PACKAGE / "embedded").glob("*.py"),
-                        _PACKAGE / "generation.py", *([Path(own).resolve()] if own else [])})
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes() if file.is_file() else b"-")
-        _MEMO[memo] = digest.hexdigest()[:16]
+                        *(_PACKAGE / "generation").glob("*.py"), *([Path(own).resolve()] if own else [])})
+        _MEMO[memo] = digest_files(files, 16)
     return _MEMO[memo]
 
 
@@ -111,9 +89,9 @@ def image_set_digest(images: Any) -> str:
     """The content of an ImageSet: pixels, prompts, seeds and the inputs it carries."""
     if not (_is_image_set(images) and hasattr(images, "prompts") and hasattr(images, "seeds")):
         raise Unkeyable(f"{type(images).__name__} is not an ImageSet")
-    material = [array_digest(images.images), [str(p) for p in images.prompts], [int(s) for s in images.seeds],
+    material = [digest_array(images.images), [str(p) for p in images.prompts], [int(s) for s in images.seeds],
                 canonical(dict(getattr(images, "inputs", None) or {}))]
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+    return digest_json(material, 32, default=None)
 
 
 def canonical(value: Any, *, top: bool = False) -> Any:
@@ -130,11 +108,11 @@ def canonical(value: Any, *, top: bool = False) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
-        return {"array": array_digest(value)}
+        return {"array": digest_array(value)}
     if type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "detach"):
-        return {"array": array_digest(value.detach().cpu().numpy())}
+        return {"array": digest_array(value.detach().cpu().numpy())}
     if hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # PIL image
-        return {"image": f"{value.mode}:{tuple(value.size)}:{hashlib.sha256(value.tobytes()).hexdigest()[:24]}"}
+        return {"image": f"{value.mode}:{tuple(value.size)}:{digest_bytes(value.tobytes(), 24)}"}
     if isinstance(value, range):
         return {"range": [value.start, value.stop, value.step]}
     if isinstance(value, (list, tuple)):
@@ -294,12 +272,12 @@ class ResultCache:
     def key(self, metric: Any, images: Any, options: dict[str, Any]) -> str | None:
         """The result's key, or None when the call cannot be keyed (then it is not cached)."""
         try:
-            material = {"format": FORMAT, "versions": _versions(), "images": image_set_digest(images),
+            material = {"format": FORMAT, "versions": library_versions(), "images": image_set_digest(images),
                         **call_material(metric, images, options)}
             text = json.dumps(material, sort_keys=True)
         except Unkeyable:
             return None
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        return digest_text(text, 32)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"

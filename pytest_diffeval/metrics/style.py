@@ -19,13 +19,13 @@ for tests; real scores need the ImageNet weights (torchvision ``vgg19-dcbb9e9d.p
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import settings
+from .._hashing import digest_file
 from . import Metric, MetricResult
 from .aesthetic import load_weights_file
 from .edit import image_array
@@ -105,7 +105,7 @@ def load_vgg19_features(path: str | Path) -> tuple[torch.nn.Sequential, str]:
         raise ValueError(f"pytest-diffeval: style_loss: the tensor shapes in {path} are not VGG19's "
                          f"({str(exc).splitlines()[0]}); fix: {fix}") from exc
     model.eval()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    digest = digest_file(path, 12)
     result = (model, f"vgg19:{path.name}@{digest}")
     _CACHE[key] = result
     return result

@@ -15,7 +15,7 @@ from ..baselines import DiffevalBaseline
 from ..counters import COUNTERS
 from ..exceptions import InputError
 from ..generation import ImageSet, check_seeds, generate_images
-from ..identity import torch_flags
+from ..identity import load_provenance, torch_flags
 from ..pipelines import process_pipelines, split_load_options
 from ..planning import ensure_plan, images_from_cache, memory_image_cache, plain_text_to_image
 from .options import value
@@ -136,7 +136,7 @@ class ImageGenerator:
         elif isinstance(source_or_pipeline, (str, os.PathLike)):
             why = plan.mismatch(os.fspath(source_or_pipeline), plain, seed_list, call_kwargs)
         else:
-            model = (getattr(source_or_pipeline, "_diffeval_provenance", None) or {}).get("model")
+            model = load_provenance(source_or_pipeline).get("model")
             why = plan.mismatch(plan.model if model == os.fspath(override(plan.model)) else str(model),
                                 plain, seed_list, call_kwargs)
         if why is not None:

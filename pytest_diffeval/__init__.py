@@ -16,6 +16,7 @@ from .assertions import (
     assert_clip_score_at_least,
     assert_fid_below,
     assert_metric,
+    raise_at_once,
 )
 from .baselines import DiffevalBaseline
 from .exceptions import (
@@ -43,6 +44,7 @@ __all__ = [
     "assert_clip_image_similarity_at_least",
     "assert_fid_below",
     "assert_metric",
+    "raise_at_once",
     "BaselineError",
     "DiffevalBaseline",
     "DiffevalError",

@@ -1,5 +1,6 @@
 """Assertion helpers with absolute thresholds (``assert_metric``, ``assert_clip_score_at_least``,
-``assert_fid_below``, ...); what every check shares lives in :mod:`.recording`."""
+``assert_fid_below``, ...); what every check shares lives in :mod:`.recording`.  A failed
+check inside a test lets the test go on and fails it at its end (:func:`.recording.check_failed`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import numpy as np
 
 from . import tripwires as wires
 from .metrics import MetricResult, compute_metric
-from .recording import current_test_id, fail, record_check, results_folder, save_images  # noqa: F401 - re-exported
+from .recording import (  # noqa: F401 - re-exported
+    check_failed,
+    current_test_id,
+    fail,
+    raise_at_once,
+    record_check,
+    results_folder,
+    save_images,
+)
 
 
 def _per_prompt(images: Any, values: np.ndarray) -> dict[str, float]:
@@ -52,7 +61,7 @@ def assert_metric(images: Any, metric: str, *, at_least: float | None = None, at
     if not passed:
         scope = f"{len(failing)} of {len(prompts)} prompts are outside" if per_prompt else "outside"
         worst = f"\n  worst prompts (mean over seeds):\n{_worst(prompts, at_least is not None)}" if prompts else ""
-        fail(images, f"{metric} {result.value:.4g} over {len(images)} images ({result.backbone}): {scope} "
+        check_failed(images, f"{metric} {result.value:.4g} over {len(images)} images ({result.backbone}): {scope} "
                      f"the bound {bound}.{worst}")
     return result
 
@@ -80,7 +89,7 @@ def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: A
                  threshold=max_fid)
     if not passed:
         note = f"\n  note: {result.details['warning']}" if "warning" in result.details else ""
-        fail(images, f"fid {result.value:.4f} ({result.backbone}) between {len(images)} images and "
+        check_failed(images, f"fid {result.value:.4f} ({result.backbone}) between {len(images)} images and "
                      f"{result.details['n_reference']} reference images is not below {max_fid}.{note}")
     return result
 

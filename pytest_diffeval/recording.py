@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -71,9 +73,58 @@ def record_check(test_id: str, result: MetricResult, images: Any, *, verdict: st
     return row
 
 
+def failure_text(images: Any, message: str) -> str:
+    """``message`` as a failure says it: prefixed, with the folder the images were saved to."""
+    folder = save_images(images)
+    where = f"\n  images of this run: {folder} (grid.png shows them all)" if folder else ""
+    return f"pytest-diffeval: {message}{where}"
+
+
 def fail(images: Any, message: str, *, error: type[Exception] = AssertionError) -> NoReturn:
     """Raise ``error`` with ``message`` and the folder the images were saved to."""
     __tracebackhide__ = True
-    folder = save_images(images)
-    where = f"\n  images of this run: {folder} (grid.png shows them all)" if folder else ""
-    raise error(f"pytest-diffeval: {message}{where}")
+    raise error(failure_text(images, message))
+
+
+def check_failed(images: Any, message: str) -> None:
+    """A check's verdict is a failure.  Inside a test's call phase the failure is kept and the
+    test goes on, so its later checks run and are reported too; the hooks fail the test once at
+    its end with every kept failure (:func:`failed_checks_message`).  Anywhere else (a fixture,
+    a script, inside :func:`raise_at_once`) it raises ``AssertionError`` at once."""
+    __tracebackhide__ = True
+    deferred = settings.current().deferred_checks
+    # The running test's own list only: PYTEST_CURRENT_TEST is "<node id> (call)" during its call.
+    if deferred is not None and os.environ.get("PYTEST_CURRENT_TEST") == f"{deferred[0]} (call)":
+        deferred[1].append(failure_text(images, message))
+        return
+    fail(images, message)
+
+
+@contextmanager
+def raise_at_once() -> Iterator[None]:
+    """Within this block a failed check raises ``AssertionError`` at once instead of failing
+    the test at its end: for ``pytest.raises`` around a check (a negative control)."""
+    current = settings.current()
+    before, current.deferred_checks = current.deferred_checks, None
+    try:
+        yield
+    finally:
+        current.deferred_checks = before
+
+
+def failed_checks_message(messages: list[str]) -> str:
+    """One failure for every failed check of a test: a single check's message as it is;
+    several, numbered, each with its own images folder."""
+    if len(messages) == 1:
+        return messages[0]
+    return f"pytest-diffeval: {len(messages)} checks of this test failed (every check ran):\n" + _numbered(messages)
+
+
+def failed_checks_note(messages: list[str]) -> str:
+    """The note added to an error the test itself raised after some of its checks failed."""
+    return f"pytest-diffeval: before this error, {len(messages)} check(s) of this test failed:\n" + _numbered(messages)
+
+
+def _numbered(messages: list[str]) -> str:
+    rule = "\n" + "-" * 60 + "\n"
+    return rule.join(f"[{i}] {m.removeprefix('pytest-diffeval: ')}" for i, m in enumerate(messages, 1))

@@ -9,8 +9,8 @@ far from the hooks (metrics, generation, baselines) reads the settings and count
 them when it starts and pops them when it ends, so a pytest run inside a test (pytester,
 in-process) has its own and leaves the outer session's untouched.
 
-Deliberately per process, not per session: loaded pipelines (``pipelines.process_pipelines``)
-and metric backbones (``metrics.backbones``), so in-process runs share a model once loaded.
+Deliberately per process, not per session: loaded models (pipelines, metric backbones), all
+in :mod:`pytest_diffeval.process_cache`, so in-process runs share a model once loaded.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ class Settings:
     feature_dtype: str = "auto"  # --diffeval-feature-dtype: FID/KID feature extractor precision (see feature_dtype())
     rootdir: Path = field(default_factory=Path.cwd)  # pytest's rootdir: baselines mirror test paths under it
     failed_tests: set[str] = field(default_factory=set)  # node ids of failed tests
+    # The test whose call phase runs now and the messages of its failed checks (set by the hooks):
+    # there a failed check is kept and the test fails once at its end; anywhere else it fails at once.
+    deferred_checks: tuple[str, list[str]] | None = None
 
 
 # The settings in force: the innermost active pytest session's (a pytester run inside a test

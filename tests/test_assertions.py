@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_diffeval import assert_clip_score_at_least, assert_fid_below, settings
+from pytest_diffeval import assert_clip_score_at_least, assert_fid_below, raise_at_once, settings
 from pytest_diffeval.generation import ImageSet
 
 
@@ -37,7 +37,7 @@ def test_clip_floor_passes_and_records_the_check(images: ImageSet, results_dir: 
 
 def test_clip_floor_failure_names_metric_backbone_value_worst_prompts_and_images(images: ImageSet, results_dir: Path) -> None:
     result_value = assert_clip_score_at_least(images, 0.0).value
-    with pytest.raises(AssertionError) as info:
+    with pytest.raises(AssertionError) as info, raise_at_once():
         assert_clip_score_at_least(images, 99.0)
     message = str(info.value)
     assert f"clip_score {result_value:.4g} over 6 images (tiny-clip@" in message
@@ -53,7 +53,7 @@ def test_per_prompt_floor_fails_when_one_prompt_is_below(images: ImageSet) -> No
     per_prompt = {p: per_sample[i:i + 2].mean() for i, p in zip(range(0, 6, 2), ["a red digit 3", "a cat", "a blue square"])}
     floor = float(np.median(list(per_prompt.values())))
     assert_clip_score_at_least(images, min(per_prompt.values()) - 1e-6, per_prompt=True)
-    with pytest.raises(AssertionError, match="1 of 3 prompts are outside the bound >= "):
+    with pytest.raises(AssertionError, match="1 of 3 prompts are outside the bound >= "), raise_at_once():
         assert_clip_score_at_least(images, floor, per_prompt=True)
 
 
@@ -62,7 +62,7 @@ def test_fid_below(images: ImageSet, tiny_models: dict[str, Path]) -> None:
     with pytest.warns(UserWarning, match="biased upward"):
         assert_fid_below(images, images, 1e-6, features=features)
     shifted = ImageSet(images=(images.images // 4), prompts=images.prompts, seeds=images.seeds, test_id="t::fid")
-    with pytest.raises(AssertionError, match=r"(?s)fid \d+\.\d+ \(clip:tiny-clip@\w+\) between 6 images and 6 reference images is not below 0.001.*note: FID on 6"):
+    with pytest.raises(AssertionError, match=r"(?s)fid \d+\.\d+ \(clip:tiny-clip@\w+\) between 6 images and 6 reference images is not below 0.001.*note: FID on 6"), raise_at_once():
         with pytest.warns(UserWarning):
             assert_fid_below(shifted, images, 1e-3, features=features)
 
@@ -76,7 +76,7 @@ def test_assert_metric_bounds_any_registered_metric(images: ImageSet) -> None:
         return images.images.reshape(len(images), -1).mean(axis=1)
 
     value = assert_metric(images, "mean_level", at_least=0, at_most=255).value
-    with pytest.raises(AssertionError, match=rf"mean_level {value:.4g} over 6 images \(custom\): outside the bound <= 10"):
+    with pytest.raises(AssertionError, match=rf"mean_level {value:.4g} over 6 images \(custom\): outside the bound <= 10"), raise_at_once():
         assert_metric(images, "mean_level", at_most=10)
     with pytest.raises(ValueError, match="needs at_least= and/or at_most="):
         assert_metric(images, "mean_level")

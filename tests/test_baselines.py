@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
+
+from pytest_diffeval import settings
 
 USER_TEST = """
 import pytest
@@ -84,13 +87,9 @@ def test_record_pass_regress_fail_update(project: pytest.Pytester) -> None:
     project.runpytest().assert_outcomes(passed=1)
 
 
-XDIST = pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "n2"])
-
-
-@XDIST
-def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest.Pytester, xdist: list[str]) -> None:
+def test_missing_baseline_fails_with_the_command_that_records_it(project: pytest.Pytester) -> None:
     write_test(project)
-    result = project.runpytest(*xdist)
+    result = project.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*no baseline for 'clip_score' of this test in *test_alignment[[]0[]].json*",
                                  "*record it with: pytest --snapshot-update 'test_user.py::test_alignment[[]0[]]'*"])
@@ -120,9 +119,10 @@ def test_an_unusable_baseline_reads_the_same_under_xdist(project: pytest.Pyteste
 
 def unusable_then_repaired(project: pytest.Pytester, content: str, message: str, xdist: list[str]) -> None:
     """Record, damage the file with ``content``: the run fails naming it and saying
-    ``message``; an update repairs it (a newer format only once removed by hand)."""
+    ``message``; an update repairs it (a newer format only once removed by hand).  Only the
+    runs that judge the damaged file take ``xdist``."""
     write_test(project)
-    project.runpytest("--snapshot-update", *xdist).assert_outcomes(passed=1)
+    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
     [file] = baseline_files(project)
     file.write_text(content)
     result = project.runpytest(*xdist)
@@ -135,7 +135,7 @@ def unusable_then_repaired(project: pytest.Pytester, content: str, message: str,
         assert "will not overwrite it" in refused.stdout.str() and file.read_text() == content
         file.write_text("{}")
     project.runpytest("--snapshot-update", *xdist).assert_outcomes(passed=1)
-    project.runpytest(*xdist).assert_outcomes(passed=1)
+    project.runpytest().assert_outcomes(passed=1)
 
 
 def test_provenance_mismatch_names_the_difference(project: pytest.Pytester) -> None:
@@ -191,7 +191,7 @@ def test_xdist_records_compares_and_fails_without_losing_entries(project: pytest
     caught = [line for line in failed.outlines if line.startswith("E ") and "brightness regressed against the baseline" in line]
     assert len(caught) == cases
     project.runpytest("--snapshot-update", "-n", "2").assert_outcomes(passed=cases)
-    project.runpytest("-n", "2").assert_outcomes(passed=cases)
+    project.runpytest().assert_outcomes(passed=cases)  # every entry the workers rewrote holds
     assert len(baseline_files(project)) == cases
 
 
@@ -860,3 +860,90 @@ def test_statistics_file_for_reads_both_name_schemes(tmp_path: Path) -> None:
     data["checks"]["drift"]["hardware"]["cpu/float32"]["details"]["statistics_file"] = "../escape.safetensors"
     file.write_text(json.dumps(data))
     assert statistics_file_for(file, "drift", "cpu/float32") is None
+
+
+EVERY_CHECK_TEST = """
+import os
+import numpy as np
+from pytest_diffeval import ImageSet, assert_metric
+
+def images_of(name):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    return ImageSet(images=rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8), prompts=["a", "b", "c", "d"],
+                    seeds=[0] * 4, nonfinite=[False] * 4)
+
+def test_three(diffeval_baseline):
+    images = images_of("three")
+    diffeval_baseline.assert_no_regression(images, "level")                        # fails under OFFSET
+    assert_metric(images, "spread", at_least=0)                                    # passes
+    assert_metric(images, "level", at_most=float(os.environ.get("MAX", "inf")))    # fails under MAX
+
+def test_one(diffeval_baseline):
+    diffeval_baseline.assert_no_regression(images_of("one"), "level")
+
+def test_then_user_assert(diffeval_baseline):
+    diffeval_baseline.assert_no_regression(images_of("user"), "level")
+    assert os.environ.get("OFFSET") is None, "the user's own assert ran"
+"""
+
+
+def test_every_check_of_a_test_runs_and_the_test_fails_once_listing_each(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a failed check no longer hides the test's later checks.  ``test_three``'s first
+    and third checks fail, its second still runs (a passing row in metrics.json and the
+    table) and the test fails once listing both; a test whose only check fails says what it
+    said before; a user ``assert`` after a failed check runs and both failures are shown."""
+    pytester.makeconftest(CHEAP_CONFTEST)
+    pytester.makepyfile(test_every=EVERY_CHECK_TEST)
+    pytester.runpytest("--snapshot-update").assert_outcomes(passed=3)
+    monkeypatch.setenv("OFFSET", "-5")  # level and spread drop by 5: level regresses, spread stays >= 0
+    monkeypatch.setenv("MAX", "-1")
+    run = pytester.runpytest("-p", "no:randomly")
+    run.assert_outcomes(failed=3)
+    out = run.stdout.str()
+
+    checks = json.loads((pytester.path / "diffeval-results" / "metrics.json").read_text())["checks"]
+    three = [(c["metric"], c["verdict"], c["passed"]) for c in checks if c["test"].endswith("::test_three")]
+    assert three == [("level", "regressed", False), ("spread", "pass", True), ("level", "out of bounds", False)]
+    table = out[out.index("diffeval: metric checks"):]
+    assert len([line for line in table.splitlines() if "test_three" in line or "spread" in line]) >= 1
+    assert "spread" in table and "out of bounds" in table and "regressed" in table
+
+    three_failure = out[out.index("_ test_three _"):out.index("_ test_one _")]
+    assert "pytest-diffeval: 2 checks of this test failed (every check ran):" in three_failure
+    first, third = three_failure.index("[1] level regressed against the baseline"), three_failure.index("[2] level ")
+    assert first < third and "outside the bound <= -1.0" in three_failure[third:]
+    assert three_failure.count("images of this run:") == 2
+
+    one_failure = out[out.index("_ test_one _"):out.index("_ test_then_user_assert _")]
+    assert "AssertionError: pytest-diffeval: level regressed against the baseline" in one_failure
+    assert "checks of this test failed" not in one_failure and "[1]" not in one_failure
+
+    user_failure = out[out.index("_ test_then_user_assert _"):]
+    assert "the user's own assert ran" in user_failure
+    assert "pytest-diffeval: before this error, 1 check(s) of this test failed:" in user_failure
+    assert "[1] level regressed against the baseline" in user_failure
+
+
+def test_a_check_raises_at_once_outside_a_test_call_and_in_raise_at_once() -> None:
+    """Outside a running test's call phase (a script, a fixture) and inside ``raise_at_once``
+    a failed check raises; inside the call it is kept for the end of the test."""
+    from pytest_diffeval.recording import check_failed, failed_checks_message, raise_at_once
+
+    current = settings.current()
+    kept: list[str] = []
+    node = os.environ["PYTEST_CURRENT_TEST"].rsplit(" (", 1)[0]
+    before, current.deferred_checks = current.deferred_checks, (node, kept)
+    try:
+        check_failed(None, "first")
+        with raise_at_once(), pytest.raises(AssertionError, match="^pytest-diffeval: second$"):
+            check_failed(None, "second")
+        current.deferred_checks = ("tests/other.py::test_gone", kept)  # a stale list of another test
+        with pytest.raises(AssertionError, match="^pytest-diffeval: third$"):
+            check_failed(None, "third")
+    finally:
+        current.deferred_checks = before
+    assert kept == ["pytest-diffeval: first"]
+    assert failed_checks_message(kept) == "pytest-diffeval: first"
+    assert failed_checks_message(["pytest-diffeval: a", "pytest-diffeval: b"]).splitlines() == [
+        "pytest-diffeval: 2 checks of this test failed (every check ran):", "[1] a", "-" * 60, "[2] b"]

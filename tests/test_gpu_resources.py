@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_diffeval import settings
+from pytest_diffeval import process_cache, settings
 from pytest_diffeval.pipelines import cache as pipeline_cache
 from pytest_diffeval.plugin import options, summary
 from pytest_diffeval.session import DiffevalSession
@@ -145,7 +145,7 @@ def test_evictions_are_in_the_verbose_summary(fake_loads: list[str], monkeypatch
     cache = PipelineCache(max_pipelines=1)
     cache.get("org/a")
     cache.get("org/b")
-    monkeypatch.setattr(pipeline_cache, "_PROCESS_PIPELINES", [cache])
+    monkeypatch.setitem(process_cache._MODELS, ("pipelines",), cache)
     lines = summary.counter_lines("gw1", summary.process_counters(DiffevalSession(settings.Settings())))
     assert any(line.startswith("diffeval evictions in gw1: org/a: 1") for line in lines), lines
 

@@ -197,7 +197,7 @@ def test_an_unwritable_reference_statistics_cache_warns_and_the_fid_is_still_giv
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read-only or full cache disk costs a recomputation next time, never the check (it
     used to fail the metric with "fix the metric")."""
-    from pytest_diffeval.metrics import fid
+    from pytest_diffeval.metrics import statistics_files
 
     n = 40
     rng = np.random.default_rng(7)
@@ -210,7 +210,7 @@ def test_an_unwritable_reference_statistics_cache_warns_and_the_fid_is_still_giv
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fid, "_atomic_save", full_disk)
+    monkeypatch.setattr(statistics_files, "write_statistics", full_disk)
     with pytest.warns(UserWarning, match=r"cannot write the reference-statistics cache entry .*No space left on "
                                          r"device.*fix: make the cache folder writable"):
         result = compute_metric("fid", images, reference=reference, features=features)

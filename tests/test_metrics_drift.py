@@ -79,8 +79,41 @@ def test_statistics_of_other_features_or_a_missing_file_are_refused(tmp_path: Pa
     record(coded(range(100)), features, stats)
     with pytest.raises(ReferenceSetError, match=r"were computed with features 'gaussian-lookup@.*re-record"):
         compute_metric("drift", coded(range(100)), baseline_stats=stats, features=other)
-    with pytest.raises(ReferenceSetError, match=r"missing\.safetensors, which do not exist.*--snapshot-update"):
+    with pytest.raises(ReferenceSetError, match=r"drift statistics file .*missing\.safetensors does not exist; "
+                                                r"fix: restore .*--snapshot-update"):
         compute_metric("drift", coded(range(100)), baseline_stats=tmp_path / "missing.safetensors", features=features)
     stats.write_bytes(b"not a safetensors file")
-    with pytest.raises(ReferenceSetError, match=r"cannot be read"):
+    with pytest.raises(ReferenceSetError, match=r"cannot read drift statistics .*stats\.safetensors"):
         compute_metric("drift", coded(range(100)), baseline_stats=stats, features=features)
+
+
+def test_drift_statistics_of_the_wrong_shape_are_refused_with_the_fix(tmp_path: Path) -> None:
+    """Read by the reference-statistics reader, so checked like them (it used to end in a
+    bare torch shape error inside the Fréchet distance)."""
+    rng = np.random.default_rng(4)
+    stats, narrow, wider = tmp_path / "stats.safetensors", LookupFeatures(rng.normal(size=(100, 3))), \
+        LookupFeatures(rng.normal(size=(100, 4)))
+    record(coded(range(50)), narrow, stats)
+    wider.id = narrow.id  # a file of the right features' id but 3 features where 4 are computed
+    with pytest.raises(ReferenceSetError, match=r"drift statistics .*stats\.safetensors hold shapes \(3,\), "
+                                                r"\(3, 3\), \(\) where \(4,\), \(4, 4\) and \(\) are needed; "
+                                                r"fix: restore .*--snapshot-update"):
+        compute_metric("drift", coded(range(50, 100)), baseline_stats=stats, features=wider)
+
+
+def test_drift_statistics_are_one_format_with_reference_statistics_and_deterministic(tmp_path: Path) -> None:
+    """The same state gives the same bytes (safetensors writes its metadata in a random key
+    order; drift files are named by their sha256), and FID reads a drift file as its
+    reference statistics: one format."""
+    n = 200
+    rng = np.random.default_rng(5)
+    features = LookupFeatures(np.concatenate([rng.multivariate_normal(MU_A, COV_A, n),
+                                              rng.multivariate_normal(MU_B, COV_B, n)]))
+    state = compute_metric("drift", coded(range(n)), features=features).state
+    shas = {save_statistics(state, tmp_path / f"{i}.safetensors") for i in range(12)}
+    assert len(shas) == 1, shas
+    drift = compute_metric("drift", coded(range(n, 2 * n)), baseline_stats=tmp_path / "0.safetensors",
+                           features=features)
+    fid = compute_metric("fid", coded(range(n, 2 * n)), reference=tmp_path / "0.safetensors", features=features)
+    assert fid.details["reference"]["kind"] == "statistics" and drift.value > 0
+    assert fid.value == pytest.approx(drift.value, rel=1e-9)

@@ -17,6 +17,7 @@ from torchmetrics.functional.multimodal import clip_score
 from pytest_diffeval import (
     assert_clip_directional_similarity_at_least,
     assert_clip_image_similarity_at_least,
+    raise_at_once,
     settings,
 )
 from pytest_diffeval.generation import ImageSet
@@ -167,12 +168,12 @@ def test_helpers_pass_and_fail_with_the_metric_in_the_message(results_dir: Path)
     options = dict(source_images=source, source_captions=SOURCE_CAPTIONS, target_captions=TARGET_CAPTIONS)
     result = assert_clip_directional_similarity_at_least(edited, -1.0, **options)
     assert settings.current().records[-1]["metric"] == "clip_directional_similarity"
-    with pytest.raises(AssertionError, match=rf"clip_directional_similarity {result.value:.4g} over 4 images .*>= 1.01"):
+    with pytest.raises(AssertionError, match=rf"clip_directional_similarity {result.value:.4g} over 4 images .*>= 1.01"), raise_at_once():
         assert_clip_directional_similarity_at_least(edited, 1.01, **options)
     similarity = assert_clip_image_similarity_at_least(edited, 0.0, reference_images=source)
-    with pytest.raises(AssertionError, match=rf"clip_image_similarity {similarity.value:.4g} over 4 images"):
+    with pytest.raises(AssertionError, match=rf"clip_image_similarity {similarity.value:.4g} over 4 images"), raise_at_once():
         assert_clip_image_similarity_at_least(edited, 100.5, reference_images=source)
-    with pytest.raises(AssertionError, match="1 of 2 prompts are outside"):
+    with pytest.raises(AssertionError, match="1 of 2 prompts are outside"), raise_at_once():
         per_prompt = {p: similarity.per_sample[[i for i in range(4) if edited.prompts[i] == p]].mean()
                       for p in set(edited.prompts)}
         assert_clip_image_similarity_at_least(edited, float(np.mean(list(per_prompt.values()))),

@@ -78,7 +78,7 @@ def test_quickstart_without_its_guidance_fails_as_its_comment_says(pytester: pyt
     sampling = ', "guidance_scale": 2.0}'
     assert sampling in python
     pytester.path.joinpath(name).write_text(python.replace(sampling, "}"))
-    result = pytester.runpytest_subprocess(*commands[1])
+    result = pytester.runpytest(*commands[1])
     result.assert_outcomes(failed=1)
     score = quoted(r"over-saturates this tiny model: (\d+\.\d)", python)
     result.stdout.re_match_lines([rf".*clip_score.*\b{re.escape(f'{score:.1f}')}\d*\b.*"])

@@ -38,6 +38,11 @@ from conftest import PIPE
 from pytest_diffeval import assert_metric
 from pytest_diffeval.metrics import register_metric
 
+# The tests that read the shared recorded project run on one xdist worker: another worker
+# asking for it would wait while the first records it (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("report-scenario")
+
+
 @register_metric("brightness", higher_is_better=True, absolute_tolerance=1.0)
 def brightness(images):
     return images.images.reshape(len(images), -1).mean(axis=1)

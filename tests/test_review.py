@@ -17,6 +17,10 @@ from test_report import FAILING, PASSING, Scenario, shared_scenario
 
 from pytest_diffeval.__main__ import main
 
+# The tests that read the shared recorded project run on one xdist worker: another worker
+# asking for it would wait while the first records it (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("report-scenario")
+
 
 @pytest.fixture
 def scenario(project: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Scenario:

@@ -16,7 +16,7 @@ from .. import tripwires as wires
 from ..exceptions import BaselineError, BaselineFormatError
 from ..hardware import hardware_key
 from ..metrics import compute_metric, get_metric
-from ..recording import fail, record_check
+from ..recording import check_failed, fail, record_check
 from ..report import record_baseline_images
 from ..verdicts import Comparison
 from .extension import DiffevalBaselineExtension
@@ -48,8 +48,10 @@ class DiffevalBaseline:
         regressed against the stored baseline by more than ``tolerance`` (default: derived
         per metric, see README "Statistics").  ``tolerance`` is one number for every metric
         or a dict ``{metric: tolerance}`` (metrics it leaves out keep the derived one).  With
-        a list every metric is checked before the test fails, and the failure lists each
-        one that regressed."""
+        a list every metric is checked, and the failure lists each one that regressed.  Inside
+        a test a regression does not stop it: the test's later checks run, and it fails at its
+        end with every failed check; a baseline that cannot be used (missing, corrupt, recorded
+        under other conditions) raises :class:`BaselineError` at once."""
         __tracebackhide__ = True
 
         metrics = [metric] if isinstance(metric, str) else list(metric)
@@ -65,7 +67,9 @@ class DiffevalBaseline:
                 error = error_class if error is AssertionError else error
 
         record_baseline_images(images, self.path, self._snapshot)
-        if failures:
+        if failures and error is AssertionError:  # regressions: the test goes on, its other checks run
+            check_failed(images, ("\n" + "-" * 60 + "\n").join(failures))
+        elif failures:  # a baseline that cannot be used: no verdict, so the test stops here
             fail(images, ("\n" + "-" * 60 + "\n").join(failures), error=error)
         return outcomes[0] if isinstance(metric, str) else outcomes
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import settings
+from .. import process_cache, settings
 from .._hashing import digest_file
 from . import Metric, MetricResult, WeightsFileNotFoundError
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # imported where used: a cached result needs no torch
 LINEAR_INDICES = (0, 2, 4, 6, 7)
 DROPOUTS = {1: 0.2, 3: 0.2, 5: 0.1}
 LAION_WIDTHS = (1024, 128, 64, 16, 1)
-_CACHE: dict[tuple[str, int, int], tuple[torch.nn.Sequential, str]] = {}
 
 
 def load_weights_file(path: str | Path, *, metric: str, option: str, fix: str) -> dict[str, torch.Tensor]:
@@ -80,9 +79,9 @@ def load_aesthetic_mlp(path: str | Path) -> tuple[torch.nn.Sequential, str]:
     fix = ("pass aesthetic_weights=<path to the LAION improved-aesthetic-predictor weights, e.g. "
            "sac+logos+ava1-l14-linearMSE.pth converted to .safetensors>")
     stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
-    if stat is not None and key in _CACHE:
-        return _CACHE[key]
+    key = ("aesthetic", str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    if stat is not None and process_cache.get(key) is not None:
+        return process_cache.get(key)
     state = load_weights_file(path, metric="aesthetic", option="aesthetic_weights", fix=fix)
     state = {k[len("layers."):] if k.startswith("layers.") else k: v for k, v in state.items()}
     expected = {f"{i}.{p}" for i in LINEAR_INDICES for p in ("weight", "bias")}
@@ -103,8 +102,7 @@ def load_aesthetic_mlp(path: str | Path) -> tuple[torch.nn.Sequential, str]:
     mlp.eval()
     digest = digest_file(path, 12)
     result = (mlp, f"aesthetic:{path.name}@{digest}")
-    _CACHE[key] = result
-    return result
+    return process_cache.put(key, result)
 
 
 class Aesthetic(Metric):

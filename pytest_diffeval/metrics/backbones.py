@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import settings
+from .. import process_cache, settings
 from .._hashing import digest_stream
 from .._io import atomic_path
 from ..counters import COUNTERS
@@ -24,7 +24,6 @@ from ..fingerprints import (
 )
 
 LOADS: dict[str, int] = {}  # backbone id -> loads in this process
-_CACHE: dict[tuple[str, str], "ClipBackbone"] = {}
 
 
 class FeatureCache:
@@ -254,9 +253,10 @@ def load_clip(name: str, device: str = "cpu") -> ClipBackbone:
     """Load (once per process and device) a CLIP backbone by hub id, local folder or
     embedded name such as ``diffeval/tiny-clip``."""
     backbone_id, path = resolve_model_dir(name)
-    key = (backbone_id, device)
-    if key in _CACHE:
-        return _CACHE[key]
+    key = ("clip", backbone_id, device)
+    cached = process_cache.get(key)
+    if cached is not None:
+        return cached
     from transformers import CLIPModel, CLIPProcessor
 
     # A hub id whose snapshot is in the Hugging Face cache loads from that folder, so nothing
@@ -283,7 +283,7 @@ def load_clip(name: str, device: str = "cpu") -> ClipBackbone:
         backbone_id = f"{name}@{commit}"
     backbone = ClipBackbone(id=backbone_id, model=model, processor=processor, device=device,
                             cache_id=_cache_id(backbone_id, path))
-    _CACHE[key] = backbone
+    process_cache.put(key, backbone)
     LOADS[backbone_id] = LOADS.get(backbone_id, 0) + 1
     return backbone
 

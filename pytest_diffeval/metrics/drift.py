@@ -4,7 +4,9 @@ FID needs reference data; drift needs none.  When a baseline is recorded, the fe
 statistics of the generated set (torchmetrics' FID state: feature sum, covariance sum,
 count) are stored in a safetensors file beside the baseline JSON.  A later run is
 compared with them by torchmetrics' Fréchet distance, so the model is compared with its
-past self: same prompts, same seeds, same features.
+past self: same prompts, same seeds, same features.  The file has the format of FID's
+reference statistics (the same keys, dtypes and ``feature_id``; ``written_by`` tells it
+apart) and is read and written by ``statistics_files``.
 
 What counts as drift.  With the same seeds a benign re-run gives a distance of ~0.  The
 default tolerance is the distance that re-drawing the seeds alone would cause
@@ -26,9 +28,9 @@ import numpy as np
 
 from .. import settings
 from .._hashing import digest_file
-from .._io import atomic_path
 from . import Metric, MetricResult
-from .fid import STAT_KEYS, ReferenceSetError, _feature_extractor, set_feature_precision, update_capturing_features
+from .fid import _feature_extractor, set_feature_precision, update_capturing_features
+from .statistics_files import DRIFT_WRITER, STAT_KEYS, read_statistics, write_statistics
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -100,7 +102,7 @@ class Drift(Metric):
                                    "preprocessing": preprocessing, "seed_noise": seed_noise(own)}
         value = 0.0
         if baseline_stats is not None:
-            mean, cov = load_statistics(Path(baseline_stats), feature_id)
+            mean, cov = load_statistics(Path(baseline_stats), feature_id, int(own.shape[1]))
             value = float(_compute_fid(mean, cov, own.mean(0), torch.cov(own.T)))
             if -1e-3 < value < 0:  # float error on (near-)identical sets
                 value = 0.0
@@ -109,34 +111,18 @@ class Drift(Metric):
                             state={"tensors": state, "metadata": {"feature_id": feature_id, "preprocessing": preprocessing}})
 
 
-def load_statistics(path: Path, feature_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64) from a statistics file written by :func:`save_statistics`."""
+def load_statistics(path: Path, feature_id: str, dims: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) from a statistics file written by :func:`save_statistics`
+    (computed with ``feature_id``, of ``dims`` features); else a :class:`ReferenceSetError`."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise ReferenceSetError(
-            f"pytest-diffeval: drift needs the baseline's feature statistics {path}, which do not exist; "
-            "fix: restore the file from version control, or re-record with pytest --snapshot-update"
-        )
-    try:
-        with safe_open(str(path), "pt") as handle:
-            stored_id = (handle.metadata() or {}).get("feature_id")
-        stored = load_file(str(path))
-        n = stored["real_features_num_samples"].double()
-        mean = stored["real_features_sum"].double() / n
-        cov = (stored["real_features_cov_sum"].double() - n * torch.outer(mean, mean)) / (n - 1)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        raise ReferenceSetError(
-            f"pytest-diffeval: drift statistics {path} cannot be read ({exc}); "
-            "fix: restore the file from version control, or re-record with pytest --snapshot-update"
-        ) from None
-    if stored_id != feature_id:
-        raise ReferenceSetError(
-            f"pytest-diffeval: drift statistics {path} were computed with features {stored_id!r}, this run uses "
-            f"{feature_id!r}; fix: re-record the baseline with pytest --snapshot-update"
-        )
+    stored = read_statistics(path, feature_id, dims, what="drift statistics",
+                             fix="restore the file from version control, or re-record the baseline with "
+                                 "pytest --snapshot-update",
+                             fix_foreign=lambda _: "re-record the baseline with pytest --snapshot-update")
+    n = stored["real_features_num_samples"].double()
+    mean = stored["real_features_sum"].double() / n
+    cov = (stored["real_features_cov_sum"].double() - n * torch.outer(mean, mean)) / (n - 1)
     return mean, cov
 
 
@@ -144,10 +130,5 @@ def save_statistics(state: dict[str, Any], path: Path) -> str:
     """Write a :class:`Drift` result's ``state`` atomically; return the file's sha256 (16 hex).
     Its tensors may be torch tensors (computed) or numpy arrays (a result from the result
     cache): both are written with ``safetensors.numpy``, so no torch is needed."""
-    from safetensors.numpy import save_file
-
-    arrays = {name: np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, order="C")
-              for name, value in state["tensors"].items()}
-    with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata={**state["metadata"], "written_by": "pytest-diffeval drift"})
+    write_statistics(state["tensors"], path, {**state["metadata"], "written_by": DRIFT_WRITER})
     return file_sha256(path)

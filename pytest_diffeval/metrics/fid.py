@@ -1,5 +1,5 @@
 """FID (torchmetrics' ``FrechetInceptionDistance``) against a reference set whose
-feature statistics are computed once and cached on disk (safetensors, never pickle)."""
+feature statistics are computed once and cached on disk (the files: ``statistics_files``)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,23 @@ import numpy as np
 
 from .. import settings
 from .._hashing import digest_array, digest_files, digest_text
-from .._io import atomic_path
 from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
 from ..fingerprints import file_fingerprint
 from ..generation import read_pixels
 from . import Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
+from .statistics_files import (
+    STAT_KEYS,
+    cache_dir,
+    read_cached_statistics,
+    read_reference_statistics,
+    write_cached_statistics,
+)
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
 # torch-fidelity's Inception-v3 weights (TensorFlow's 2015-12-05 graph, converted); the file
@@ -234,20 +239,6 @@ def update_capturing_features(metric: Any, images: Any, real: bool, device: str,
     return torch.cat(captured)
 
 
-def cache_dir() -> Path:
-    configured = settings.current().cache_dir
-    if configured is not None:
-        return Path(configured) / "reference-stats"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytest-diffeval" / "reference-stats"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
 def reference_statistics(metric: FrechetInceptionDistance, feature_id: str, preprocessing: str, reference: Any,
                          device: str, batch_size: int = 64) -> dict[str, Any]:
     """Fill ``metric``'s real-feature state from ``reference`` (an ImageSet, a folder of images
@@ -357,89 +348,3 @@ class FID(Metric):
             )
             warnings.warn("pytest-diffeval: " + details["warning"], UserWarning, stacklevel=3)
         return MetricResult(self.name, value, feature_id, False, details=details)
-
-
-CACHE_FORMAT = "pytest-diffeval reference statistics cache 1"  # of the reference statistics cache entries
-
-
-def read_reference_statistics(path: Path, feature_id: str, dims: int | None = None) -> dict[str, Any]:
-    """The tensors of a statistics file, if it was computed with ``feature_id`` (and holds
-    the state of ``dims`` features); a missing, unreadable, foreign or misshapen file is a
-    :class:`ReferenceSetError` that says how to make it."""
-    from safetensors import safe_open
-
-    remake = (f"pytest_diffeval.save_reference_statistics(<reference images>, {str(path)!r}, "
-              f"features={_features_hint(feature_id)!r})")
-    if not path.is_file():
-        raise ReferenceSetError(f"pytest-diffeval: reference statistics file {path} does not exist; fix: write it "
-                                f"with {remake}")
-    try:
-        with safe_open(str(path), "pt") as handle:
-            stored = (handle.metadata() or {}).get("feature_id")
-            tensors = {name: handle.get_tensor(name) for name in STAT_KEYS if name in handle.keys()}
-    except Exception as exc:  # noqa: BLE001 - truncated or not safetensors at all
-        raise ReferenceSetError(f"pytest-diffeval: cannot read reference statistics {path} ({type(exc).__name__}: "
-                                f"{exc}); fix: write it again with {remake}") from exc
-    if stored != feature_id:
-        raise ReferenceSetError(
-            f"pytest-diffeval: reference statistics {path} were computed with features {stored!r}, this check uses "
-            f"{feature_id!r}: FIDs from other features are not comparable; fix: pass "
-            f"features={_features_hint(stored)!r} if the file is right, or write it again with {remake}"
-        )
-    missing = [name for name in STAT_KEYS if name not in tensors]
-    if missing:
-        raise ReferenceSetError(f"pytest-diffeval: reference statistics {path} lack {missing}; fix: write it again "
-                                f"with {remake}")
-    problem = _shape_problem(tensors, dims)
-    if problem:
-        raise ReferenceSetError(f"pytest-diffeval: reference statistics {path} hold {problem}; fix: write it again "
-                                f"with {remake}")
-    return tensors
-
-
-def _shape_problem(tensors: dict[str, Any], dims: int | None) -> str | None:
-    """Why ``tensors`` cannot be FID's real-feature state of ``dims`` features (None: they can):
-    float sums of shape ``(d,)`` and ``(d, d)`` and a sample count of at least 2."""
-    total, cov, count = (tensors[name] for name in STAT_KEYS)
-    d = total.shape[0] if dims is None and total.dim() == 1 else dims
-    if tuple(total.shape) != (d,) or tuple(cov.shape) != (d, d) or count.numel() != 1:
-        return (f"shapes {tuple(total.shape)}, {tuple(cov.shape)}, {tuple(count.shape)} where "
-                f"({d},), ({d}, {d}) and () are needed")
-    if not (total.is_floating_point() and cov.is_floating_point()):
-        return f"dtypes {total.dtype}, {cov.dtype} where floating point is needed"
-    if not float(count.reshape(())) >= 2:
-        return f"a sample count of {float(count.reshape(()))} (at least 2 are needed)"
-    return None
-
-
-def read_cached_statistics(path: Path, key: str, dims: int) -> dict[str, Any] | None:
-    """The reference-statistics cache entry at ``path`` if it was written under ``key`` and
-    holds FID's state for ``dims`` features; else None (a miss, never a result)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-            if (meta.get("format"), meta.get("key")) != (CACHE_FORMAT, key) or set(handle.keys()) != set(STAT_KEYS):
-                return None
-            tensors = {name: handle.get_tensor(name) for name in STAT_KEYS}
-    except Exception:  # noqa: BLE001 - absent, truncated or not safetensors at all: recomputed
-        return None
-    return None if _shape_problem(tensors, dims) else tensors
-
-
-def write_cached_statistics(path: Path, key: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Write a reference-statistics cache entry that carries its key (atomically); a read-only
-    or full cache costs a recomputation next time (with a warning), never the check."""
-    try:
-        _atomic_save(tensors, path, {**metadata, "format": CACHE_FORMAT, "key": key})
-    except OSError as exc:
-        warnings.warn(f"pytest-diffeval: cannot write the reference-statistics cache entry {path} ({exc}); the "
-                      "statistics are used uncached and computed again next time. fix: make the cache folder "
-                      "writable (--diffeval-cache-dir) or free space on its disk", UserWarning, stacklevel=2)
-
-
-def _features_hint(feature_id: str | None) -> str | None:
-    """The ``features=`` value that gives ``feature_id``: its name without the ``@<hash>``
-    (a local CLIP folder: its folder name, to be given as the path)."""
-    return feature_id.split("@", 1)[0] if feature_id else feature_id

@@ -1,14 +1,16 @@
 """Reference statistics files for FID: the real side's feature sums written once (from an
 ImageSet or a folder of images) and passed to ``assert_fid_below`` or ``compute_metric("fid",
-reference="stats.safetensors")`` in place of the images.  safetensors only (no pickle); the
-file records the feature id it was computed with, and FID refuses it under other features.
+reference="stats.safetensors")`` in place of the images.  The file format (shared with FID's
+cache entries and drift's statistics) and its reader live in ``statistics_files``; the file
+records the feature id it was computed with, and FID refuses it under other features.
 
-Also the entries of FID's own reference-statistics cache (``cache_dir/reference-stats``):
-each carries its full key (features, feature size, preprocessing, torchmetrics version,
-the reference's content) in its metadata and is read back only under that key and with
-the shapes FID needs; anything else (a swapped, stale, truncated or misshapen file) is a
-miss, recomputed and rewritten.  A forged entry written under its right key with plausible
-tensors cannot be told apart: share the cache only among trusted runs."""
+Also re-exports the reader and writer of FID's own reference-statistics cache entries
+(``cache_dir/reference-stats``): each carries its full key (features, feature size,
+preprocessing, torchmetrics version, the reference's content) in its metadata and is read
+back only under that key and with the shapes FID needs; anything else (a swapped, stale,
+truncated or misshapen file) is a miss, recomputed and rewritten.  A forged entry written
+under its right key with plausible tensors cannot be told apart: share the cache only among
+trusted runs."""
 
 from __future__ import annotations
 
@@ -17,19 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
-from .fid import (  # noqa: F401 - the cache entries' reader and writer are re-exported
+from ..exceptions import ReferenceSetError
+from .fid import _feature_extractor, reference_statistics, set_feature_precision
+from .statistics_files import (  # noqa: F401 - the cache entries' reader and writer are re-exported
+    REFERENCE_FORMAT,
     STAT_KEYS,
-    ReferenceSetError,
-    _atomic_save,
-    _feature_extractor,
     read_cached_statistics,
     read_reference_statistics,
-    reference_statistics,
-    set_feature_precision,
     write_cached_statistics,
+    write_statistics,
 )
 
-FORMAT = "pytest-diffeval reference statistics 1"
+FORMAT = REFERENCE_FORMAT
 
 
 def save_reference_statistics(reference: Any, path: str | os.PathLike[str], *, features: Any = None,
@@ -49,9 +50,9 @@ def save_reference_statistics(reference: Any, path: str | os.PathLike[str], *, f
     metric, preprocessing = set_feature_precision(metric.to(device), device, preprocessing)  # as FID computes
     source = reference_statistics(metric, feature_id, preprocessing, reference, device, batch_size)
     tensors = {name: getattr(metric, name).detach().cpu() for name in STAT_KEYS}
-    _atomic_save(tensors, path, {"format": FORMAT, "feature_id": feature_id, "preprocessing": preprocessing,
-                                 "torchmetrics": torchmetrics.__version__, "n": str(source["n"]),
-                                 "source": str(source.get("path", source["kind"]))})
+    write_statistics(tensors, path, {"format": FORMAT, "feature_id": feature_id, "preprocessing": preprocessing,
+                                     "torchmetrics": torchmetrics.__version__, "n": str(source["n"]),
+                                     "source": str(source.get("path", source["kind"]))})
     return path
 
 

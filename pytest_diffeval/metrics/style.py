@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import settings
+from .. import process_cache, settings
 from .._hashing import digest_file
 from . import Metric, MetricResult
 from .aesthetic import load_weights_file
@@ -40,7 +40,6 @@ VGG19_WIDTHS = (64, 128, 256, 512, 512)
 STYLE_LAYERS = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE: dict[tuple[str, int, int], tuple[torch.nn.Sequential, str]] = {}
 
 
 def _cfg(widths: tuple[int, ...]) -> list[int | str]:
@@ -84,9 +83,9 @@ def load_vgg19_features(path: str | Path) -> tuple[torch.nn.Sequential, str]:
     fix = ("pass vgg_weights=<torchvision VGG19 ImageNet weights (vgg19-dcbb9e9d.pth), ideally converted to "
            ".safetensors with safetensors.torch.save_file(state_dict, ...)>")
     stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
-    if stat is not None and key in _CACHE:
-        return _CACHE[key]
+    key = ("vgg19", str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    if stat is not None and process_cache.get(key) is not None:
+        return process_cache.get(key)
     raw = load_weights_file(path, metric="style_loss", option="vgg_weights", fix=fix)
     state = {(k[len("features."):] if k.startswith("features.") else k): v for k, v in raw.items()
              if not k.startswith("classifier.")}
@@ -107,8 +106,7 @@ def load_vgg19_features(path: str | Path) -> tuple[torch.nn.Sequential, str]:
     model.eval()
     digest = digest_file(path, 12)
     result = (model, f"vgg19:{path.name}@{digest}")
-    _CACHE[key] = result
-    return result
+    return process_cache.put(key, result)
 
 
 def gram_matrices(model: torch.nn.Sequential, images: np.ndarray, device: str, batch_size: int = 16) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import settings
+from .. import process_cache, settings
 from ..fingerprints import hub_snapshot
 from ..identity import changed_since_load
 from .loading import _scheduler_key, load_identity, load_pipeline, resolve_dtype
@@ -184,18 +184,15 @@ def _cuda_free_bytes(device: str) -> int:
     return int(free)
 
 
-# Deliberately per process, not per pytest session: a pytest run inside a test run (pytester,
-# in-process) and the run around it share the models this process loaded.
-_PROCESS_PIPELINES: list[PipelineCache] = []
+_KEY = ("pipelines",)
 
 
 def process_pipelines() -> PipelineCache:
-    """This process's pipeline cache (one load per model identity per process)."""
-    if not _PROCESS_PIPELINES:
-        _PROCESS_PIPELINES.append(PipelineCache())
-    return _PROCESS_PIPELINES[0]
+    """This process's pipeline cache (one load per model identity per process), kept in
+    :mod:`pytest_diffeval.process_cache` with the other per-process model caches."""
+    return process_cache.get_or_load(_KEY, PipelineCache)
 
 
 def loaded_pipelines() -> PipelineCache | None:
     """The process's pipeline cache if anything created it (None: no pipeline was loaded)."""
-    return _PROCESS_PIPELINES[0] if _PROCESS_PIPELINES else None
+    return process_cache.get(_KEY)

@@ -17,14 +17,18 @@ from typing import Any
 
 import pytest
 
+from .. import settings
 from .._version import __version__
 from ..baselines import remove_leftovers
 from ..counters import COUNTERS
+from ..exceptions import add_note
 from ..generation import prefetch_images
 from ..pipelines import WeightsNotAvailableError, loaded_pipelines
+from ..recording import failed_checks_message, failed_checks_note
 from ..report import summary_lines, write_outputs
-from ..scheduling import assign_shards, entries_of, make_scheduler, parse_shard, partition, write_entries
+from ..scheduling import assign_shards, entries_of, parse_shard, partition
 from ..session import DiffevalSession, is_worker
+from ..xdist_scheduler import make_scheduler, write_entries
 from .fixtures import override, resolved_device
 from .options import model_dist, value
 from .summary import counter_lines, process_counters
@@ -151,11 +155,27 @@ class SessionHooks:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        """Failed checks of the test are kept (``recording.check_failed``) and the test goes on;
+        at its end it fails once with all of them, or, when its own code raised, they are
+        added to that error as a note."""
+        __tracebackhide__ = True
+        failed: list[str] = []
+        settings.current().deferred_checks = (item.nodeid, failed)
         try:
-            return (yield)
-        except FileNotFoundError as exc:
-            skip_missing_weights(item, exc)
+            outcome = yield
+        except BaseException as exc:
+            if failed:
+                add_note(exc, failed_checks_note(failed))
+            if isinstance(exc, FileNotFoundError) and not failed:
+                skip_missing_weights(item, exc)
+            if failed and isinstance(exc, pytest.skip.Exception):  # a skip must not hide a failed check
+                raise AssertionError(failed_checks_message(failed)) from exc
             raise
+        finally:
+            settings.current().deferred_checks = None
+        if failed:
+            raise AssertionError(failed_checks_message(failed))
+        return outcome
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
@@ -277,7 +297,7 @@ class XdistHooks:
             session.entries_dir = tempfile.mkdtemp(prefix="diffeval-sched-")
 
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
-        """Under ``-n``: keep each model's tests on as few workers as possible (see scheduling.py)."""
+        """Under ``-n``: keep each model's tests on as few workers as possible (see xdist_scheduler.py)."""
         if self.session.entries_dir is None:
             return None
         return make_scheduler(config, log, self.session.entries_dir)

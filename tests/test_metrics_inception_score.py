@@ -100,7 +100,7 @@ def test_splits_are_seeded_and_bounded() -> None:
 def test_result_is_cached_keyed_by_the_classifiers_content(tmp_path: Path) -> None:
     from pytest_diffeval.planning import COUNTERS
 
-    settings.configure(cache_dir=tmp_path / "cache")
+    settings.configure(cache_dir=tmp_path / "cache", result_cache=True)  # on, whatever this run's options say
     try:
         images = digits(12, 3)
         hits = COUNTERS.result_hits

@@ -15,8 +15,14 @@ share keeps the smaller one's images), by the under-trained model's image of the
 (``colour_match >= 0.95``, ``digit_match >= 0.80``, ``fid < 10``).  The mixed set keeps
 the shipped model's provenance, so every signature matches the baseline's.
 
-Prints a table (check x share -> pass/FAIL with the measured value) and, last, one JSON
-line ``{"n": 128, "failed": {"0.0": [...], ...}}``.  Nothing here is a test.
+The benign side (``--benign-seeds K``): the shipped model with every UNet tensor perturbed
+by 0.05 x its std of seeded Gaussian noise (seeds 0..K-1; a change too small to matter),
+all images its own, through the same checks: every check must pass.  ``--baselines DIR``
+compares with the baselines in DIR instead of ``baselines/`` (e.g. freshly recorded ones).
+
+Prints a table (check x share -> pass/FAIL with the measured value), the perturbed models'
+failed checks and, last, one JSON line ``{"n": 128, "failed": {"0.0": [...], ...},
+"benign": {"0": [...], ...}}``.  Nothing here is a test.
 """
 
 from __future__ import annotations
@@ -38,16 +44,26 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from syrupy.data import Snapshot, SnapshotCollection  # noqa: E402
+
 import pytest_diffeval.embedded.metrics  # noqa: E402,F401  registers digit_match / colour_match
 from pytest_diffeval import ImageSet, compute_metric, generate_images, load_pipeline, settings  # noqa: E402
-from pytest_diffeval.baselines import build_record, judge, read_baseline_file, statistics_file_for  # noqa: E402
+from pytest_diffeval.baselines import (  # noqa: E402
+    DiffevalBaselineExtension,
+    build_record,
+    judge,
+    read_baseline_file,
+    statistics_file_for,
+)
 from pytest_diffeval.embedded.data import HELDOUT_PROMPTS, make_images  # noqa: E402
 from pytest_diffeval.hardware import hardware_key  # noqa: E402
+from pytest_diffeval.metrics import get_metric  # noqa: E402
+from pytest_diffeval.set_verdicts import recording_details  # noqa: E402
 from pytest_diffeval.verdicts import Comparison  # noqa: E402
 
 MODEL, BAD_MODEL = "diffeval/tiny-t2i", "diffeval/tiny-t2i-undertrained"
 SAMPLING = {"num_inference_steps": 20, "guidance_scale": 2.0}  # model_tests/conftest.py
-BASELINES = ROOT / "baselines" / "test_embedded_t2i"
+BASELINES = ROOT / "baselines"  # --baselines
 # model_tests/test_embedded_t2i.py: the absolute bounds of the two tests
 COLOUR_FLOOR, DIGIT_FLOOR, FID_CEILING = 0.95, 0.80, 10.0
 # (baseline file stem, seeds, baseline checks, absolute bounds (metric, kind, bound))
@@ -79,14 +95,17 @@ def mixed(good: ImageSet, bad: ImageSet, share: float, seed: int) -> ImageSet:
 def baseline_check(stem: str, images: ImageSet, metric: str, options: dict[str, Any]) -> tuple[bool, str, str]:
     """One ``assert_no_regression`` check, the way ``DiffevalBaseline._check`` runs it:
     (passed, the value measured, the tolerance and the verdict's method)."""
-    path = BASELINES / f"{stem}.json"
+    path = BASELINES / "test_embedded_t2i" / f"{stem}.json"
     stored = read_baseline_file(path)["checks"][metric]
     extra: dict[str, Any] = {}
     stats = statistics_file_for(path, metric, hardware_key(images.provenance))
-    if stats is not None and stats.is_file():
+    if get_metric(metric).keeps_state and stats is not None and stats.is_file():  # drift's statistics
         extra["baseline_stats"] = stats
     result = compute_metric(metric, images, **options, **extra)
-    outcome = judge(build_record(result, images, options), stored, None)
+    record = build_record(result, images, options)
+    if result.state is not None:  # set-level: this run's per-image features, for the paired verdict
+        record["_state"] = result.state
+    outcome = judge(record, stored, None, path)
     if not isinstance(outcome, Comparison):
         raise SystemExit(f"{stem} {metric}: the committed baseline cannot be compared: {outcome!r}")
     return outcome.passed, f"{outcome.value:.4g}", f"{outcome.tolerance:.3g} ({outcome.method})"
@@ -99,32 +118,100 @@ def bound_check(images: ImageSet, metric: str, kind: str, bound: float,
     return (value >= bound if kind == ">=" else value < bound), f"{value:.4g}", "absolute bound"
 
 
+def perturbed(pipe: Any, scale: float, seed: int) -> Any:
+    """``pipe`` with every floating UNet tensor (more than one element) moved by ``scale`` x its
+    std of seeded Gaussian noise, in memory (``tiny.perturb_weights`` does it on disk)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in pipe.unet.state_dict(keep_vars=True).values():
+            if tensor.is_floating_point() and tensor.numel() > 1:
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                tensor.add_((scale * tensor.float().std() * noise).to(tensor.dtype))
+    return pipe
+
+
+def run_checks(full: ImageSet, bad: ImageSet | None, share: float, seed: int, reference: ImageSet,
+               rows: dict[str, dict[Any, tuple[bool, str, str]]], column: Any) -> None:
+    """Every check of the two tests on ``full`` with ``share`` of it replaced by ``bad``."""
+    for index, (stem, seeds, checks, bounds) in enumerate(TESTS):
+        keep = [i for i, s in enumerate(full.seeds) if s in set(seeds)]  # prompt-major order is kept
+        good = full.subset(keep)
+        images = mixed(good, bad.subset(keep), share, seed + index) if bad is not None else good
+        for metric in checks:
+            options = {"reference": reference} if metric in ("fid", "kid", "cmmd") else {}
+            rows.setdefault(metric, {})[column] = baseline_check(stem, images, metric, options)
+        for metric, kind, bound in bounds:
+            options = {"reference": reference} if metric == "fid" else {}
+            rows.setdefault(f"{metric}{kind}{bound:g}", {})[column] = bound_check(images, metric, kind, bound, options)
+
+
+def generated(model: str, folder: Path | None) -> ImageSet:
+    """``model``'s images of the distribution set; with ``--images FOLDER`` kept there (pixels as
+    .npy, the rest as JSON: no pickle) and read back on the next run."""
+    stem = model.replace("/", "--")
+    if folder is not None and (folder / f"{stem}.npy").is_file():
+        meta = json.loads((folder / f"{stem}.json").read_text())
+        return ImageSet(images=np.load(folder / f"{stem}.npy"), **meta)
+    images = generate_images(load_pipeline(model), HELDOUT_PROMPTS, seeds=range(4), **SAMPLING)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{stem}.npy", images.images)
+        (folder / f"{stem}.json").write_text(json.dumps({"prompts": images.prompts, "seeds": images.seeds,
+                                                         "call_kwargs": images.call_kwargs,
+                                                         "provenance": images.provenance}, default=str))
+    return images
+
+
+def record_baselines(folder: Path, images: ImageSet, reference: ImageSet) -> None:
+    """Record the distribution test's set-level entries in ``folder`` (a copy of ``baselines/``)
+    from the shipped model's ``images``, through the plugin's own code: what ``pytest
+    model_tests/ --snapshot-update`` records for them (per-image features, noise floor, minimum
+    detectable effect), without a pytest run."""
+    stem, _, checks, _ = TESTS[1]
+    path = folder / "test_embedded_t2i" / f"{stem}.json"
+    collection = SnapshotCollection(location=str(path))
+    for metric in checks:
+        options = {"reference": reference} if metric in ("fid", "kid", "cmmd") else {}
+        result = compute_metric(metric, images, **options)
+        extra = recording_details(metric, result.state, higher_is_better=result.higher_is_better,
+                                  estimator=str(result.details.get("estimator", "unbiased")))
+        result = dataclasses.replace(result, details={**result.details, **extra})
+        record = {**build_record(result, images, options), "_state": result.state,
+                  "_test": f"test_embedded_t2i.py::{stem}"}
+        collection.add(Snapshot(name=f"{stem}[{metric}]", data=record))
+        print(f"recorded {metric} = {result.value:.4g}: noise floor {extra.get('noise_floor', float('nan')):.4g}, "
+              f"detects >= {extra.get('mde_share')} mismatched images (change {extra.get('mde_change')})")
+    DiffevalBaselineExtension.write_snapshot_collection(snapshot_collection=collection)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.025, 0.05, 0.1, 0.2])
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice of replaced images")
+    parser.add_argument("--benign-seeds", type=int, default=1, help="perturbed models (0.05 x std UNet noise) to run")
+    parser.add_argument("--baselines", type=Path, default=BASELINES, help="baselines folder to compare with")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="folder keeping the generated images between runs (generated when absent)")
+    parser.add_argument("--record", action="store_true",
+                        help="first record the distribution test's entries into --baselines (a copy: not baselines/)")
     args = parser.parse_args()
+    globals()["BASELINES"] = args.baselines
     start, cpu = time.perf_counter(), time.process_time()
     settings.push(settings.Settings(clip_model="diffeval/tiny-clip", fid_features="clip:diffeval/tiny-clip",
                                     baselines_dir=ROOT / "baselines", result_cache=False))
     full = {}
     for model in (MODEL, BAD_MODEL):
-        pipe = load_pipeline(model)
-        full[model] = generate_images(pipe, HELDOUT_PROMPTS, seeds=range(4), **SAMPLING)
+        full[model] = generated(model, args.images)
     reference = reference_set()
-    rows: dict[str, dict[float, tuple[bool, str, str]]] = {}
-    for index, (stem, seeds, checks, bounds) in enumerate(TESTS):
-        keep = [i for i, s in enumerate(full[MODEL].seeds) if s in set(seeds)]  # prompt-major order is kept
-        good, bad = full[MODEL].subset(keep), full[BAD_MODEL].subset(keep)
-        for share in args.shares:
-            images = mixed(good, bad, share, args.seed + index)
-            for metric in checks:
-                options = {"reference": reference} if metric in ("fid", "kid", "cmmd") else {}
-                rows.setdefault(metric, {})[share] = baseline_check(stem, images, metric, options)
-            for metric, kind, bound in bounds:
-                options = {"reference": reference} if metric == "fid" else {}
-                rows.setdefault(f"{metric}{kind}{bound:g}", {})[share] = bound_check(images, metric, kind, bound,
-                                                                                    options)
+    if args.record:
+        if args.baselines.resolve() == (ROOT / "baselines").resolve():
+            raise SystemExit("--record writes into --baselines: name a copy, not the committed baselines/")
+        record_baselines(args.baselines, full[MODEL], reference)
+    rows: dict[str, dict[Any, tuple[bool, str, str]]] = {}
+    for share in args.shares:
+        run_checks(full[MODEL], full[BAD_MODEL], share, args.seed, reference, rows, share)
     n = len(full[MODEL])
     print(f"== sensitivity of the release suite's baseline checks (n={n} distribution set, "
           f"{n // 2} paired set; replaced by {BAD_MODEL}, choice seed {args.seed})")
@@ -133,9 +220,20 @@ def main() -> None:
     for name, cells in rows.items():
         print(f"{name:<{width}}{cells[args.shares[0]][2]:<24}" + "".join(
             f"{('pass ' if ok else 'FAIL ') + text:>14}" for ok, text, _ in (cells[s] for s in args.shares)))
+    benign: dict[str, list[str]] = {}
+    for seed in range(args.benign_seeds):
+        images = generate_images(perturbed(load_pipeline(MODEL), 0.05, seed), HELDOUT_PROMPTS, seeds=range(4),
+                                 **SAMPLING)
+        images = dataclasses.replace(images, provenance=full[MODEL].provenance)  # the shipped model's signature
+        benign_rows: dict[str, dict[Any, tuple[bool, str, str]]] = {}
+        run_checks(images, None, 0.0, 0, reference, benign_rows, "benign")
+        benign[str(seed)] = [name for name, cells in benign_rows.items() if not cells["benign"][0]]
+        print(f"benign: UNet + 0.05 x std noise (seed {seed}): " + ", ".join(
+            f"{name} {'pass' if cells['benign'][0] else 'FAIL'} {cells['benign'][1]}"
+            for name, cells in benign_rows.items()))
     print(f"   {time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
     failed = {str(s): [name for name, cells in rows.items() if not cells[s][0]] for s in args.shares}
-    print(json.dumps({"n": n, "failed": failed}))
+    print(json.dumps({"n": n, "failed": failed, "benign": benign}))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from .metrics.reference_stats import save_reference_statistics
 from .pipelines import load_pipeline
 from .prompts import PromptRecord, load_drawbench, load_parti_prompts
 from .verdicts import Comparison
+from .vqa import VQABackend, caption, load_questions
 
 __all__ = [
     "__version__",
@@ -67,4 +68,7 @@ __all__ = [
     "PromptRecord",
     "load_drawbench",
     "load_parti_prompts",
+    "VQABackend",
+    "caption",
+    "load_questions",
 ]

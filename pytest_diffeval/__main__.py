@@ -3,11 +3,17 @@
     python -m pytest_diffeval baselines list [DIR]        # what is stored (default: ./baselines)
     python -m pytest_diffeval baselines diff A B [--top N] # which numbers moved, and which samples
     python -m pytest_diffeval results merge DIR... --out DIR  # one metrics.json + report.html
+    python -m pytest_diffeval shards plan --target 20m    # GitHub Actions matrix size for a wall time
+    python -m pytest_diffeval convert-weights IN.pt OUT.safetensors  # a weights pickle to safetensors, once
 
 A and B are baseline files or folders, or results directories of a run (their
 ``metrics.json``).  ``results merge`` takes the results directories of the shards of one
-suite (``--diffeval-shard=i/N``, one per CI runner).  Exit status 0; 2 for input that
-cannot be read (the message names it).
+suite (``--diffeval-splits N --diffeval-group i``, one per CI runner) and combines the parts
+of split generations (``diffeval_split``) into one value and verdict per metric; it exits 1
+when such a merged verdict fails (no shard could judge it).  ``shards plan`` reads the
+durations file (``--diffeval-store-durations``) and prints the fewest runners whose
+time-balanced shards meet the target.  Exit status 0; 2 for input that cannot be read (the
+message names it).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import argparse
 import sys
 from typing import Sequence
 
+from .convert_weights import ConversionError, convert
+from .durations import DEFAULT_FILE, matrix_text, parse_wall_time, plan_matrix, read_durations
+from .exceptions import DurationsError
 from .review import ReviewError, diff, list_entries, load, merge_results
 
 
@@ -47,6 +56,26 @@ def _parser() -> argparse.ArgumentParser:
                        help="a test in several directories: keep the later directory's results (default: an error)")
     merge.add_argument("--root", default=".", help="where to find baseline files recorded under another checkout "
                                                    "path, for the report's per-sample baseline columns (default: .)")
+    shards = commands.add_parser("shards", help="plan CI shards from the durations file",
+                                 description="Plan CI shards from the durations file.")
+    shard_actions = shards.add_subparsers(dest="action", required=True, metavar="ACTION")
+    plan = shard_actions.add_parser(
+        "plan", help="the GitHub Actions matrix size that meets a target wall time per runner",
+        description="Print the fewest runners (--diffeval-splits N) whose time-balanced shards, each model's load "
+                    "counted once per runner that loads it, meet --target, and the workflow lines.")
+    plan.add_argument("--target", required=True, help="wall time per runner: 20m, 1h30m, 90s or seconds")
+    plan.add_argument("--durations", default=DEFAULT_FILE, help=f"the durations file (default: ./{DEFAULT_FILE})")
+    plan.add_argument("--overhead", default="0s", help="fixed cost of each runner (checkout, install, imports), "
+                                                       "e.g. 2m (default 0s)")
+    convert_parser = commands.add_parser(
+        "convert-weights", help="convert a weights pickle (.pt/.pth/.bin) to .safetensors, once",
+        description="Read IN with torch.load(weights_only=True) (never a full unpickle) and write its tensors to "
+                    "OUT (.safetensors), which scorers such as hps_v2 and image_reward then load.")
+    convert_parser.add_argument("source", metavar="IN", help="the weights pickle")
+    convert_parser.add_argument("out", metavar="OUT", help="the .safetensors file to write")
+    convert_parser.add_argument("--allow-global", action="append", default=[], metavar="MODULE.NAME",
+                                help="admit this class in the pickle (only for a file you trust), as torch's "
+                                     "refusal names it, e.g. argparse.Namespace; repeatable")
     return parser
 
 
@@ -54,6 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "convert-weights":
+            converted = convert(args.source, args.out, args.allow_global)
+            left = f"; left out {len(converted.dropped)} non-tensor entries" if converted.dropped else ""
+            print(f"wrote {converted.tensors} tensors to {converted.out}{left}")
+            return 0
+        if args.command == "shards":
+            target, overhead = parse_wall_time(args.target), parse_wall_time(args.overhead)
+            planned = plan_matrix(read_durations(args.durations), target, overhead)
+            print(matrix_text(planned, target, overhead, args.durations))
+            return 0 if planned.met else 1
         if args.command == "results":
             merged = merge_results(args.dirs, args.out, allow_duplicates=args.allow_duplicates, root=args.root)
             for note in merged.notes:
@@ -61,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"merged {len(args.dirs)} results directories into {merged.out}: {merged.tests} tests "
                   f"({merged.failed_tests} failed), {merged.checks} metric checks ({merged.failed_checks} failed), "
                   f"{merged.images} image folders; {merged.out / 'metrics.json'}, {merged.out / 'report.html'}")
-            return 0
+            if merged.split_checks:
+                print(f"combined {merged.split_checks} split checks over their shards' parts ({merged.split_failed} "
+                      "failed)")
+            return 1 if merged.split_failed else 0
         if args.action == "list":
             source = load(args.dir, keep_going=True)
             list_entries(source, sys.stdout)
@@ -70,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2 if source.errors else 0
         diff(load(args.a), load(args.b), sys.stdout, top=max(0, args.top))
         return 0
-    except ReviewError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ReviewError, DurationsError, ConversionError) as exc:
+        message = str(exc).removeprefix("pytest-diffeval: ") if isinstance(exc, DurationsError) else str(exc)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. --out on a read-only or full disk
         print(f"error: {exc.filename or ''}: cannot write ({exc.strerror or exc}); fix: choose an --out on a "

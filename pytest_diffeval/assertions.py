@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from . import split
 from . import tripwires as wires
+from .exceptions import SplitError
 from .metrics import MetricResult, compute_metric
 from .recording import (  # noqa: F401 - re-exported
     check_failed,
@@ -43,6 +45,11 @@ def assert_metric(images: Any, metric: str, *, at_least: float | None = None, at
     if tripwires:
 
         wires.check(images)
+    if split.info(images) is not None:  # a shard's part of a split generation: the merge judges the set
+        if per_prompt:
+            raise SplitError(f"pytest-diffeval: per_prompt=True cannot judge a diffeval_split generation's part; fix: "
+                             f"check {metric!r} over the whole set (per_prompt=False) or remove the marker")
+        return split.record_part(images, metric, options, at_least=at_least, at_most=at_most)
     result = compute_metric(metric, images, **options)
 
     def ok(value: float) -> bool:
@@ -83,6 +90,9 @@ def assert_fid_below(images: Any, reference: Any, max_fid: float, *, features: A
     if tripwires:
 
         wires.check(images)
+    if split.info(images) is not None:  # a shard's part of a split generation: the merge judges the set
+        return split.record_part(images, "fid", {"reference": reference, "features": features, **options},
+                                 below=max_fid)
     result = compute_metric("fid", images, reference=reference, features=features, **options)
     passed = result.value < max_fid
     record_check(current_test_id(images), result, images, verdict="pass" if passed else "above threshold",

@@ -84,6 +84,11 @@ class BackboneNotFoundError(DiffevalInputError, FileNotFoundError):
     """A metric backbone (CLIP model, feature weights) could not be found."""
 
 
+class QuestionFileError(DiffevalInputError, ValueError):
+    """A VQA question file (TIFA/DSG/GenEval 2 style) that cannot be used: the message names
+    the file, the line or field and the fix."""
+
+
 class MetricError(DiffevalError, RuntimeError):
     """An unexpected exception inside a metric, raised again naming the metric (the original
     is its ``__cause__``).  Raised as a subclass that is also the original's type (a
@@ -97,6 +102,23 @@ class MetricError(DiffevalError, RuntimeError):
 
 class NonFiniteMetricError(MetricError, ValueError):
     """A metric gave NaN or inf: no verdict is given on such a value."""
+
+
+class ExternalInterpreterNotFoundError(DiffevalInputError, FileNotFoundError):
+    """An external metric's Python interpreter (``python=``) does not exist or cannot run
+    (``metrics/external.py``)."""
+
+
+class ExternalMetricError(MetricError):
+    """An external metric's child process crashed, or its reply broke protocol 1 (not one
+    JSON object, another protocol, wrong length, not numbers); the message names the metric,
+    the interpreter, the exit code and the tail of the child's stderr."""
+
+    interpreter: str = ""
+
+
+class ExternalMetricTimeout(ExternalMetricError, TimeoutError):
+    """An external metric's child did not answer within its ``timeout``; its process group was killed."""
 
 
 # --------------------------------------------------------------------------- checks and baselines
@@ -119,6 +141,19 @@ class BaselineFormatError(DiffevalError, ValueError):
         self.newer = newer
 
 
+# --------------------------------------------------------------------------- scaling out
+
+
+class DurationsError(DiffevalError, ValueError):
+    """A durations file (``--diffeval-durations``) that cannot be read or holds bad values;
+    the message names the file, the entry and the fix."""
+
+
+class SplitError(DiffevalError, ValueError):
+    """A generation split across CI shards (``diffeval_split``) that cannot be split, measured
+    or merged as asked; the message names the test, the file or the value and the fix."""
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -131,6 +166,12 @@ class ReviewError(DiffevalError):
     """Input of ``python -m pytest_diffeval`` that cannot be read; the message names the file."""
 
 
+class DistributedError(DiffevalError, RuntimeError):
+    """A session spread over torch.distributed ranks (torchrun, accelerate launch) that cannot
+    go on: a bad launch environment, ranks that disagree, or a rank that died or hangs (the
+    message names the rank, the collective and the test)."""
+
+
 def add_note(exc: BaseException, note: str) -> None:
     """``exc.add_note(note)`` (PEP 678, Python 3.11+); on Python 3.10, which has no notes, the
     note is appended to the exception's message instead, so it is shown either way."""
@@ -140,3 +181,7 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
     else:
         exc.args = (*exc.args, note)
+
+
+class ConversionError(DiffevalInputError, ValueError):
+    """A weights file that ``convert-weights`` cannot convert; the message names it and the fix."""

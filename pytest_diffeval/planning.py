@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import distributed
 from ._hashing import digest_files, digest_json, library_versions
 from ._io import atomic_write_text
 from .counters import COUNTERS, Counters  # noqa: F401 - re-exported
@@ -357,8 +358,9 @@ def ensure_plan(unit: PlanUnit, *, load: Callable[[], Any], cache: Any, batch_si
     plan = unit.plan
     size = plan.batch_size or batch_size
     provenance = memo.get(memo_key) if memo is not None else None
-    if provenance is not None and cached_keys(cache, provenance, unit.prompts, plan.seeds, plan.call_kwargs):
-        return  # a warm rerun: everything is on disk, nothing to load
+    cached = provenance is not None and cached_keys(cache, provenance, unit.prompts, plan.seeds, plan.call_kwargs)
+    if distributed.everyone(bool(cached), "agree that the plan is cached"):
+        return  # a warm rerun: everything is on disk, nothing to load (under torchrun: on every rank)
 
     pipe = load()
     live = _provenance_of(pipe)

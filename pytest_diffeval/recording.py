@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import settings
+from . import distributed, settings
 from ._io import distinct_name
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def results_folder(test_id: str) -> Path:
 
 def save_images(images: Any) -> Path | None:
     """Save the run's images (once) under the results directory; return the folder."""
-    if images is None or not hasattr(images, "save"):
+    if images is None or not hasattr(images, "save") or not distributed.is_writer():  # torchrun: rank 0 only
         return None
     if images.saved_to is None:
         images.save(results_folder(current_test_id(images)))
@@ -67,7 +67,7 @@ def record_check(test_id: str, result: MetricResult, images: Any, *, verdict: st
         "provenance": json.loads(json.dumps(getattr(images, "provenance", None) or {}, default=str)) or None,
         "details": {k: v for k, v in result.details.items() if isinstance(v, (str, int, float, bool, list))},
     }
-    if verdict not in {"pass", "improved", "recorded"} or settings.current().results_always:
+    if verdict not in {"pass", "improved", "recorded", "partial"} or settings.current().results_always:
         row["images"] = str(save_images(images)) if images is not None else None
     settings.current().records.append(row)
     return row

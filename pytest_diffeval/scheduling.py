@@ -1,5 +1,7 @@
 """Keeping each model's tests together: under ``pytest -n K`` (xdist) and across CI shards
-(``--diffeval-shard=i/N``), so every model is loaded by as few processes as possible.
+(``--diffeval-splits N --diffeval-group i``), so every model is loaded by as few processes as
+possible; CI shards are also balanced by time (:func:`balance`: each test's seconds, each
+model's load once per shard that loads it, from the durations file of ``durations``).
 
 A test's *group* is the model it uses: ``@pytest.mark.diffeval_model(name)``, the model of
 its ``diffeval_plan``, an ``xdist_group`` name, or else (for tests that use the
@@ -17,8 +19,8 @@ tests without a GPU), are *free* and are balanced one by one.
   one contiguous chunk per worker of the share, so each worker generates only its chunk.
 
 The functions are pure: the xdist scheduler (``xdist_scheduler``, which sees only node
-ids) and each worker (which has the items) compute the same units; :func:`assign_shards`
-uses the same units for ``--diffeval-shard``.  This module does not import xdist.
+ids) and each worker (which has the items) compute the same units.  This module does not
+import xdist.
 """
 
 from __future__ import annotations
@@ -184,25 +186,87 @@ def bind_shares(part: Partition, names: Sequence[Any]) -> dict[str, list[Any]]:
     return bound
 
 
-def assign_shards(entries: Sequence[Entry], shards: int) -> dict[str, int]:
-    """Each test's shard (0-based) out of ``shards``: groups kept whole where there are at
-    least as many groups as shards, else spread over a share; balanced by test count;
-    deterministic for the same collection."""
+@dataclass
+class Balance:
+    """Shards of a suite: each test's shard (0-based) and each shard's estimated seconds."""
+
+    shard_of: dict[str, int]
+    seconds: list[float]
+    split_groups: dict[str, int] = field(default_factory=dict)  # group -> shards it was spread over
+
+
+def _time_chunks(nodeids: list[str], parts: int, cost: Callable[[str], float]) -> list[list[str]]:
+    """``nodeids`` cut into ``parts`` contiguous, non-empty chunks of nearly equal total ``cost``."""
+    parts = max(1, min(parts, len(nodeids)))
+    costs = [cost(n) for n in nodeids]
+    total = sum(costs)
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    done = 0.0
+    for index, (nodeid, seconds) in enumerate(zip(nodeids, costs)):
+        still_to_open = parts - len(chunks) - 1  # chunks after the current one
+        if current and still_to_open > 0 and (len(nodeids) - index <= still_to_open
+                                              or done + seconds / 2 > total * (len(chunks) + 1) / parts):
+            chunks.append(current)
+            current = []
+        current.append(nodeid)
+        done += seconds
+    chunks.append(current)
+    return chunks
+
+
+def balance(entries: Sequence[Entry], shards: int, seconds: Callable[[str], float] | None = None,
+            loads: dict[str, float] | None = None) -> Balance:
+    """Shards balanced by time: a test costs ``seconds(nodeid)`` (1 each without it) and a
+    group costs its ``loads[group]`` (a model's load) once on every shard that runs any of its
+    tests.  At least as many groups as shards: each group stays whole on one shard; fewer: each
+    group is spread over a share of the shards in proportion to its time (D'Hondt), in
+    contiguous chunks that each pay the load, and no two groups share a shard while one is free.
+    Units are placed longest first on the least loaded shard (ties: the lowest shard), so
+    the result depends only on the collection, the times and ``shards``."""
     if shards < 1:
         raise ValueError("pytest-diffeval: the number of shards must be >= 1")
-    part = partition(entries, shards)
-    collection = [e.nodeid for e in entries]
-    load = [0] * shards
-    bound = bind_shares(part, list(range(shards))) if part.bound else {}
+    cost = seconds or (lambda nodeid: 1.0)
+    loads = loads or {}
+    position = {e.nodeid: i for i, e in enumerate(entries)}
+    groups: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.group is not None:
+            groups.setdefault(entry.group, []).append(entry.nodeid)
+    units: list[tuple[bool, float, list[str], str | None]] = []  # (spread, seconds, tests, group)
+    spread: dict[str, int] = {}
+    if len(groups) >= shards or shards == 1:
+        units += [(False, loads.get(g, 0.0) + sum(map(cost, m)), m, g) for g, m in groups.items()]
+    else:
+        shares = _dhondt({g: sum(map(cost, m)) for g, m in groups.items()}, shards, {g: len(m) for g, m in groups.items()})
+        for group, members in groups.items():
+            chunks = _time_chunks(members, shares[group], cost)
+            spread[group] = len(chunks)
+            units += [(True, loads.get(group, 0.0) + sum(map(cost, c)), c, group) for c in chunks]
+    units += [(False, cost(e.nodeid), [e.nodeid], None) for e in entries if e.group is None]
+    units.sort(key=lambda u: (not u[0], -u[1], position[u[2][0]]))  # spread chunks first: onto shards of their own
+    load = [0.0] * shards
+    holds: list[set[str]] = [set() for _ in range(shards)]
     out: dict[str, int] = {}
-    for unit in work_order(part, collection):
-        group = part.unit_group[unit]
-        allowed = bound.get(group) if group is not None else None
-        shard = min(allowed or range(shards), key=lambda s: (load[s], s))
-        load[shard] += len(part.units[unit])
-        for nodeid in part.units[unit]:
+    for is_spread, unit_seconds, nodeids, group in units:
+        candidates = list(range(shards))
+        if is_spread:
+            candidates = ([s for s in candidates if not holds[s]] or [s for s in candidates if group not in holds[s]]
+                          or candidates)
+        shard = min(candidates, key=lambda s: (load[s], s))
+        load[shard] += unit_seconds
+        if group is not None:
+            holds[shard].add(group)
+        for nodeid in nodeids:
             out[nodeid] = shard
-    return out
+    return Balance(out, load, spread)
+
+
+def assign_shards(entries: Sequence[Entry], shards: int, seconds: Callable[[str], float] | None = None,
+                  loads: dict[str, float] | None = None) -> dict[str, int]:
+    """Each test's shard (0-based) out of ``shards`` (see :func:`balance`); without times,
+    balanced by test count; deterministic for the same collection."""
+    return balance(entries, shards, seconds, loads).shard_of
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -213,4 +277,30 @@ def parse_shard(value: str) -> tuple[int, int]:
         raise ValueError(f"pytest-diffeval: --diffeval-shard={value!r} is not i/N (e.g. 2/4)") from None
     if not 1 <= index <= total:
         raise ValueError(f"pytest-diffeval: --diffeval-shard={value}: i must be between 1 and N")
+    return index, total
+
+
+def parse_splits(splits: Any, group: Any, shard: Any = None) -> tuple[int, int] | None:
+    """``(group, splits)`` (1-based group) from ``--diffeval-splits N --diffeval-group i``, or
+    from ``--diffeval-shard=i/N`` (the same, older spelling); None when not sharded.  A clear
+    error for half a pair, both spellings at once, or a group outside 1..N."""
+    if shard:
+        if splits is not None or group is not None:
+            raise ValueError(f"pytest-diffeval: --diffeval-shard={shard} and --diffeval-splits/--diffeval-group "
+                             "were both given; fix: use --diffeval-splits N --diffeval-group i alone "
+                             "(--diffeval-shard=i/N means the same)")
+        return parse_shard(shard)
+    if splits is None and group is None:
+        return None
+    if splits is None or group is None:
+        raise ValueError("pytest-diffeval: --diffeval-splits and --diffeval-group go together; fix: pass both, "
+                         "e.g. --diffeval-splits 4 --diffeval-group 2 (1-based, as pytest-split)")
+    try:
+        total, index = int(splits), int(group)
+    except ValueError:
+        raise ValueError(f"pytest-diffeval: --diffeval-splits={splits!r} --diffeval-group={group!r} are not numbers; "
+                         "fix: e.g. --diffeval-splits 4 --diffeval-group 2") from None
+    if total < 1 or not 1 <= index <= total:
+        raise ValueError(f"pytest-diffeval: --diffeval-group={index} with --diffeval-splits={total}: the group must "
+                         f"be between 1 and {max(total, 1)} (1-based, as pytest-split); fix: pass a group in that range")
     return index, total

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from . import counters, settings
+from . import counters, distributed, settings
 from .counters import Counters
+from .distributed import Group
 from .generation import ImageCache
 from .planning import Planner, ProvenanceMemo
 from .report import Outputs
@@ -47,6 +48,7 @@ class DiffevalSession:
     loads_at_start: dict[str, dict[str, int]] = field(default_factory=dict)  # the process's model loads then
     entries_dir: str | None = None  # controller under model scheduling: where workers report their tests
     outputs: Outputs | None = None
+    group: Group | None = None  # under torchrun / accelerate launch: this rank's process group
     _images: ImageCache | None = None
     _memo: ProvenanceMemo | None = None
     _tokens: tuple[int, int] = (0, 0)
@@ -60,6 +62,9 @@ class DiffevalSession:
         """Give the settings and counters in force before back; remove temporary files."""
         settings.pop(self._tokens[0])
         counters.pop(self._tokens[1])
+        if self.group is not None:
+            distributed.stop(self.group)
+            self.group = None
         if self.entries_dir:
             shutil.rmtree(self.entries_dir, ignore_errors=True)
 

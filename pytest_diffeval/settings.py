@@ -96,7 +96,9 @@ def resolved_device() -> str:
         elif not torch.cuda.is_available():
             _resolved[request] = "cpu"
         else:
-            worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+            # an xdist worker gwI, or a torchrun rank with LOCAL_RANK=I (when CUDA_VISIBLE_DEVICES
+            # could not be narrowed to its GPU before CUDA started)
+            worker = os.environ.get("PYTEST_XDIST_WORKER") or f"gw{os.environ.get('LOCAL_RANK', '0')}"
             index = int(worker[2:]) if worker[2:].isdigit() else 0
             _resolved[request] = f"cuda:{index % torch.cuda.device_count()}"
         if _resolved[request].startswith("cuda"):

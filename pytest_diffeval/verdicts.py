@@ -5,8 +5,10 @@ the same sample of the baseline.  The effect is the mean paired difference, sign
 that negative means worse; a one-sided 95% Student-t bound on it is computed.  A run
 *regressed* when even that bound is worse than ``-tolerance``: the drop is larger than
 the tolerance with 95% confidence, so a few noisy samples cannot fail a test, while a
-real drop shared by many samples does.  Set-level metrics (FID) have one number per run
-and compare it with the baseline's directly.
+real drop shared by many samples does.  Set-level metrics (FID, KID, CMMD, drift) are
+compared paired too, over joint resamples of both runs' per-image features
+(:mod:`~pytest_diffeval.set_verdicts`); baselines recorded without those features compare
+the two numbers directly (:func:`compare_values`).
 
 Pass/fail per-sample metrics (every value 0 or 1: ``digit_match``, ``colour_match``,
 ``good_image_rate``) are compared with the exact **McNemar** test instead: only the
@@ -50,7 +52,7 @@ class Comparison:
     interval: tuple[float, float] | None  # two-sided 95% interval of the effect, paired only
     bound: float  # the one-sided 95% bound the verdict uses (the effect itself if unpaired)
     n: int
-    method: str  # "paired-t", "mcnemar" (0/1 per-sample values) or "value"
+    method: str  # "paired-t", "mcnemar" (0/1 per-sample values), "paired-bootstrap" (set_verdicts) or "value"
     verdict: str  # "pass", "regressed" or "improved"
     moved: list[dict[str, Any]] = field(default_factory=list)  # samples that moved most, worst first
     tolerance_source: str = ""  # where the tolerance came from (explicit, floor, 2x spread, calibrated noise)
@@ -58,6 +60,10 @@ class Comparison:
     note: str = ""  # why a verdict was forced (a non-finite measurement)
     p_value: float | None = None  # McNemar: the exact one-sided p-value of the verdict's direction
     discordant: tuple[int, int] | None = None  # McNemar: (samples worse, samples better) than the baseline
+    resamples: int | None = None  # paired-bootstrap (set_verdicts): joint resamples behind spread and bound
+    floor: float | None = None  # the baseline's noise floor (seed-redraw noise at its N), when it records one
+    mde: dict[str, Any] | None = None  # the baseline's minimum detectable effect, when it records one
+    hint: str = ""  # advice on the baseline itself (an old-format entry: how to upgrade it)
 
     @property
     def passed(self) -> bool:

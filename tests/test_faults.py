@@ -214,7 +214,12 @@ def test_package_never_unpickles() -> None:
     assert len(files) > 20
     offenders = [problem for file in files
                  for problem in unpickling_problems(file.read_text(), str(file.relative_to(PACKAGE)))]
-    assert offenders == []
+    # The one dynamic import allowed: the child interpreter of metrics/external.py imports the
+    # scorer module the user declared (register_external_metric(module=...)): code the user
+    # chose to run, in its own environment, not a file read as data.
+    allowed = [p for p in offenders if p.startswith("external_child.py:") and p.endswith("imports '?' dynamically")]
+    assert len(allowed) <= 1
+    assert [p for p in offenders if p not in allowed] == []
 
 
 def test_loading_never_asks_for_remote_code(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,11 +64,29 @@ def test_seed_noise_predicts_the_distance_between_independent_sets(dim: int, n: 
     def draw() -> torch.Tensor:
         return torch.randn(n, dim, generator=generator, dtype=torch.float64) @ mixing + 1.0
 
+    keys = [f"{i % 4}|p{i // 4}" for i in range(n)]  # n/4 prompts x 4 seeds, i.i.d. here
     independent = np.percentile([_frechet(draw(), draw()) for _ in range(60)], 95)
-    estimates = [seed_noise(draw(), seed=i) for i in range(8)]
+    estimates = [seed_noise(draw(), keys, seed=i) for i in range(8)]
     assert 0.5 * independent < np.mean(estimates) < 1.5 * independent, (estimates, independent)
     same = draw()
-    assert seed_noise(same) == seed_noise(same)  # seeded splits: same features, same number
+    assert seed_noise(same, keys) == seed_noise(same, keys)  # seeded splits: same features, same number
+
+
+def test_seed_noise_splits_seeds_within_prompts_not_prompts() -> None:
+    """Prompts x seeds is not i.i.d.: with a strong prompt effect, new seeds of the same prompts
+    move the set far less than another mix of prompts.  The seed noise measures the former:
+    each split keeps every prompt on both sides (issue 17: i.i.d. splits gave ~4x)."""
+    generator = torch.Generator().manual_seed(5)
+    prompts, seeds, dim = 32, 4, 8
+    centres = torch.randn(prompts, dim, generator=generator, dtype=torch.float64) * 3.0
+    features = centres.repeat_interleave(seeds, 0) + 0.3 * torch.randn(prompts * seeds, dim, generator=generator,
+                                                                       dtype=torch.float64)
+    keys = [f"{s}|p{p}" for p in range(prompts) for s in range(seeds)]
+    other_seeds = np.percentile([_frechet(features, centres.repeat_interleave(seeds, 0) + 0.3 * torch.randn(
+        prompts * seeds, dim, generator=generator, dtype=torch.float64)) for _ in range(40)], 95)
+    stratified = seed_noise(features, keys)
+    iid = seed_noise(features, [f"{i}|one prompt" for i in range(len(features))])
+    assert stratified < 1.5 * other_seeds < iid, (stratified, other_seeds, iid)
 
 
 def test_statistics_of_other_features_or_a_missing_file_are_refused(tmp_path: Path) -> None:

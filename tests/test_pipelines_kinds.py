@@ -382,7 +382,7 @@ def test_scheduler_override_and_steps_are_in_provenance_and_the_cache_key(models
 #
 # Tolerances are derived, not chosen: the recording run uses --diffeval-calibrate=2, so
 # each one is max(the metric's floor, 3 x the largest change benign re-runs (other batch
-# size, other thread count) caused), and KID's is at least twice its subset spread.  The
+# size, other thread count) caused), and KID's is at least twice its resampling spread.  The
 # second run proves them wide enough (it passes); the broken models prove them narrow
 # enough (measured paired 95% bounds: PSNR -0.9 dB (img2img) to -2.3 dB (InstructPix2Pix)
 # against a 0.5 dB floor; KID rises 3x-10x over its 2-spread tolerance).

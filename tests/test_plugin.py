@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,33 @@ def test_model_override_points_tests_at_another_model(user_project: pytest.Pytes
     result = user_project.runpytest("-s", f"--diffeval-model={missing}")
     result.assert_outcomes(failed=1)
     assert "cannot load the diffusion model" in result.stdout.str() and str(missing) in result.stdout.str()
+
+
+def test_a_regression_under_a_replacement_model_names_it_before_the_update_hint(user_project: pytest.Pytester,
+                                                                               tiny_models: dict[str, Path]) -> None:
+    """Recorded with the test's model, run with ``--diffeval-model`` pointing at a copy: the
+    failure says the run used the replacement before it suggests ``--snapshot-update``."""
+    candidate = user_project.path / "candidate"
+    shutil.copytree(tiny_models["pipe"], candidate)
+    user_project.makepyfile(test_replaced="""
+        from conftest import PIPE
+        from pytest_diffeval.metrics import register_metric
+
+        @register_metric("h2_named_model", absolute_tolerance=0.5)
+        def h2_named_model(images):  # lower for the candidate: a regression of known cause
+            return [1.0 + i if "candidate" in images.provenance["model"] else 5.0 + i for i in range(len(images))]
+
+        def test_model(generate, diffeval_baseline):
+            images = generate(PIPE, ["a", "b"], num_inference_steps=2)
+            diffeval_baseline.assert_no_regression(images, "h2_named_model")
+    """)
+    user_project.runpytest("--diffeval-no-cache", "--snapshot-update").assert_outcomes(passed=1)
+    result = user_project.runpytest("--diffeval-no-cache", f"--diffeval-model={candidate}")
+    result.assert_outcomes(failed=1)
+    lines = result.stdout.lines
+    said = next(i for i, line in enumerate(lines) if "this run used a replacement model" in line)
+    assert str(candidate) in lines[said]
+    assert said < next(i for i, line in enumerate(lines) if "--snapshot-update test_replaced.py::test_model" in line)
 
 
 def add_ini_line(project: pytest.Pytester, line: str) -> None:

@@ -13,6 +13,7 @@ from scipy import stats
 
 from pytest_diffeval import ImageSet
 from pytest_diffeval.baselines import build_record, judge, regression_message
+from pytest_diffeval.baselines.judge import replaced_model
 from pytest_diffeval.metrics import _REGISTRY, MetricResult, get_metric, register_metric
 from pytest_diffeval.verdicts import CONFIDENCE, compare_paired, compare_values
 
@@ -185,6 +186,41 @@ def test_a_regression_message_uses_one_sign_convention(higher_is_better: bool) -
             assert f"mean change {raw:+.4f}" in message
         bound = "< -tolerance" if higher_is_better else "> +tolerance"
         assert f"{bound} {c.tolerance:.4f}" in message
+
+
+@pytest.mark.parametrize("metric", ["kid", "cmmd"])
+def test_a_negative_kid_or_cmmd_is_explained_in_its_message(metric: str) -> None:
+    """The unbiased MMD² of two indistinguishable sets is about 0 of either sign: a negative
+    baseline or value is explained, a positive one is not (and FID never is)."""
+    negative = compare_values(metric, "bb", False, 0.0095, -0.0003, 0.002)
+    positive = compare_values(metric, "bb", False, 0.0095, 0.0003, 0.002)
+    fid = compare_values("fid", "bb", False, 0.0095, -0.0003, 0.002)
+    assert negative.verdict == positive.verdict == fid.verdict == "regressed"
+    explained = f"a negative {metric} is not an error: it is an unbiased MMD² estimate, about 0"
+    assert explained in regression_message(negative, Path("b.json"), "pytest --snapshot-update t")
+    assert "is not an error" not in regression_message(positive, Path("b.json"), "pytest --snapshot-update t")
+    assert "is not an error" not in regression_message(fid, Path("b.json"), "pytest --snapshot-update t")
+
+
+def test_a_regression_under_a_replacement_model_says_so_before_it_suggests_an_update() -> None:
+    c = compare_values("fid", "bb", False, 30.0, 4.7, 1.9)
+    rerun = "pytest --snapshot-update t"
+    plain = regression_message(c, Path("b.json"), rerun)
+    assert "replacement" not in plain and f"if the change is intended, update the baseline: {rerun}" in plain
+    c.hint = "this baseline was recorded without per-image features ...; upgrade it with: pytest --snapshot-update"
+    replaced = regression_message(c, Path("b.json"), rerun, replacement="/models/candidate").splitlines()
+    said = next(i for i, line in enumerate(replaced) if "this run used a replacement model" in line)
+    assert "/models/candidate" in replaced[said]
+    assert said < next(i for i, line in enumerate(replaced) if "--snapshot-update" in line)
+    assert not any("if the change is intended" in line for line in replaced)
+
+
+@pytest.mark.parametrize("override,model,expected", [
+    (None, "m", None), ("/new", "/new", "/new"), ("/new", "diffeval/tiny-t2i", None),
+    ("diffeval/tiny-t2i=/new", "/new", "/new"), ("diffeval/tiny-t2i=/new", "other", None), ("/new", None, None)])
+def test_the_replacement_is_named_only_when_the_images_came_from_it(override, model, expected) -> None:
+    """``--diffeval-model=NEW`` or ``ORIGINAL=NEW``: a test whose images' provenance names NEW."""
+    assert replaced_model(override, {"model": model} if model is not None else {}) == expected
 
 
 @pytest.mark.parametrize("binary,method", [(None, "mcnemar"), (True, "mcnemar"), (False, "paired-t")])

@@ -2,7 +2,8 @@
 
 ``baselines/<test file path>/<test name>.json`` holds one entry per metric the test checks:
 per-sample values (one per ``(prompt, seed)``), the value, the backbone and the run's
-signature and provenance; drift's statistics lie beside it, content-addressed.  One concept
+signature and provenance; drift's statistics and set-level metrics' per-image features lie
+beside it, content-addressed.  One concept
 per module:
 
 - :mod:`.files`: reading and validating a baseline JSON, the folder lock, folder safety,

@@ -17,10 +17,11 @@ from typing import Any
 from syrupy.data import Snapshot, SnapshotCollection, SnapshotCollections
 from syrupy.extensions.base import AbstractSyrupyExtension
 
-from .. import settings
+from .. import distributed, settings
 from .._io import atomic_write_text, distinct_name
 from ..exceptions import BaselineError, BaselineFormatError
 from ..hardware import hardware_entries, hardware_key
+from ..metrics import get_metric
 from ..verdicts import Comparison
 from .files import (
     FORMAT_VERSION,
@@ -130,6 +131,8 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         or the new baseline, each with its statistics.  Runs under the folder's lock (see
         :func:`folder_lock`); a write the OS refuses (read-only folder, full disk) is a
         :class:`BaselineError` naming the file, the OS error and the fix, never a silent pass."""
+        if not distributed.is_writer():
+            return  # under torchrun rank 0 alone writes baselines (every rank has the same records)
         path = Path(snapshot_collection.location)
         records = [_stored_record(snapshot.data) for snapshot in snapshot_collection]
         test = next((r["_test"] for r in records if r.get("_test")), None)
@@ -169,11 +172,12 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
                 data["test_file"] = test_file
             state = record.pop("_state", None)
             key = hardware_key(record.get("provenance", {}))
-            if state is not None:  # drift: this run's statistics become the baseline's, so its distance is 0
+            if state is not None:  # drift's statistics, a set-level metric's per-image features: beside the JSON
                 target, sha = write_statistics(path, record["metric"], key, state)
                 record["details"] = {**record.get("details", {}), "statistics_sha256": sha,
                                      "statistics_file": target.name}
-                record["value"] = 0.0
+                if get_metric(record["metric"]).keeps_state:  # drift: this run's statistics become the baseline's
+                    record["value"] = 0.0
             check = data["checks"].get(record["metric"])
             entries = hardware_entries(check) if isinstance(check, dict) else {}
             entries[key] = record
@@ -195,7 +199,7 @@ class DiffevalBaselineExtension(AbstractSyrupyExtension):
         """Remove unused entries, under the folder's lock (:func:`folder_lock`); never in a
         folder that leads outside the baselines folder."""
         folder = Path(snapshot_location).parent
-        if folder_refusal(folder):
+        if folder_refusal(folder) or not distributed.is_writer():  # under torchrun rank 0 alone deletes
             return
         with folder_lock(folder):
             self._delete_locked(snapshot_location=snapshot_location, snapshot_names=snapshot_names)

@@ -3,6 +3,7 @@ asserts it through syrupy and turns the outcome into a pass, a failure or a warn
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -13,15 +14,16 @@ from typing import Any
 
 from .. import settings
 from .. import tripwires as wires
-from ..exceptions import BaselineError, BaselineFormatError
+from ..exceptions import BaselineError, BaselineFormatError, SplitError
 from ..hardware import hardware_key
 from ..metrics import compute_metric, get_metric
 from ..recording import check_failed, fail, record_check
 from ..report import record_baseline_images
+from ..set_verdicts import recording_details
 from ..verdicts import Comparison
 from .extension import DiffevalBaselineExtension
 from .files import folder_refusal, read_baseline_file, refuse_newer_message
-from .judge import Corrupt, NoEntry, _node_for_cli, judge_check, regression_message, update_verdict
+from .judge import Corrupt, NoEntry, _node_for_cli, judge_check, regression_message, replaced_model, update_verdict
 from .records import BaselineCheck, build_record
 from .sidecars import statistics_file_for
 from .tolerance import calibrate, resolve_tolerances
@@ -53,6 +55,11 @@ class DiffevalBaseline:
         end with every failed check; a baseline that cannot be used (missing, corrupt, recorded
         under other conditions) raises :class:`BaselineError` at once."""
         __tracebackhide__ = True
+        if getattr(images, "diffeval_split", None) is not None:  # split.SplitInfo: one shard's part of the set
+            raise SplitError("pytest-diffeval: assert_no_regression cannot judge one shard's part of a diffeval_split "
+                             "generation (baselines compare whole sets); fix: use assert_metric(images, metric, "
+                             "at_most=...) or assert_fid_below(...) in a split test (`results merge` judges the whole "
+                             "set), or remove the diffeval_split marker")
 
         metrics = [metric] if isinstance(metric, str) else list(metric)
         tolerances = resolve_tolerances(metrics, tolerance)
@@ -119,6 +126,10 @@ class DiffevalBaseline:
             return None, (f"refusing to record {metric} = {result.value!r} in {location}: the run measured NaN or "
                           "infinity, and a baseline must hold finite numbers.\n  fix: find why this run's outputs "
                           f"are not finite (NaN images, a diverged model), then re-record with: {rerun}"), BaselineError
+        if updating and result.state is not None:  # set-level: its noise floor and minimum detectable effect
+            recorded = recording_details(metric, result.state, higher_is_better=result.higher_is_better,
+                                         estimator=str(result.details.get("estimator", "unbiased")), tolerance=tolerance)
+            result = dataclasses.replace(result, details={**result.details, **recorded})
         record = build_record(result, images, metric_options)
         record["_test"] = self.test_id
         try:  # the test module, relative to the baselines folder: how orphans are recognised
@@ -169,7 +180,9 @@ class DiffevalBaseline:
             if outcome.verdict == "improved":
                 warnings.warn(f"pytest-diffeval: {metric} improved beyond its tolerance ({outcome.value:.4g} vs baseline "
                               f"{outcome.baseline:.4g}); ratchet the baseline with: {rerun}", UserWarning, stacklevel=3)
-            return outcome, (None if outcome.passed else regression_message(outcome, location, rerun)), AssertionError
+            replacement = replaced_model(settings.current().model_override, getattr(images, "provenance", None))
+            return outcome, (None if outcome.passed else regression_message(outcome, location, rerun, replacement)), \
+                AssertionError
         record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location))
         return None, message, BaselineError
 

@@ -43,7 +43,14 @@ class StoredCheck:
 def signature(result: MetricResult, images: Any, options: dict[str, Any]) -> dict[str, Any]:
     """What must be equal for two runs' numbers to be comparable."""
     prompts_sha = digest_text("\n".join(images.prompts), 16)
+    # An estimator (CMMD biased or unbiased, KID's full-set one) defines the number: never compare across them.
+    estimator = {"estimator": result.details["estimator"]} if "estimator" in result.details else {}
+    # A scorer (VQA: the VLM, template, answer tokens, question file's sha256; an edit metric's captioner)
+    # defines the number too: another one is a signature mismatch, not a silent drift.
+    scorer = {"scorer": result.details["scorer"]} if "scorer" in result.details else {}
     return {
+        **estimator,
+        **scorer,
         "metric": result.metric,
         "backbone": result.backbone,
         "image_size": list(images.image_size),
@@ -117,7 +124,7 @@ def entry_problem(metric: str, key: str, entry: Any) -> str | None:
             return f"{where}.samples[{i}] is {_short(sample)}, expected {{'prompt': str, 'seed': int, 'value': number}}"
         if not _finite_number(sample.get("value")):
             return f"{where}.samples[{i}].value is {_short(sample.get('value'))}, expected a finite number"
-    for field_name, names in (("details", ("spread", "seed_noise")), ("noise", ("max_abs_effect",))):
+    for field_name, names in (("details", ("spread", "seed_noise", "noise_floor")), ("noise", ("max_abs_effect",))):
         block = entry.get(field_name, {})
         if not isinstance(block, dict):
             return f"{where}.{field_name} is {_short(block)}, expected an object"
@@ -132,9 +139,18 @@ def entry_problem(metric: str, key: str, entry: Any) -> str | None:
 
 
 def needs_migration(record: Mapping[str, Any], check: Any) -> bool:
-    """A drift entry whose statistics file still has its format-1 name."""
+    """An entry ``--snapshot-update`` rewrites although it passes: a drift entry whose statistics
+    file still has its format-1 name, or a set-level entry recorded without per-image features
+    (:func:`paired_entry`: compared by value only)."""
     if "_state" not in record or not isinstance(check, dict):
         return False
     _, entry = select_entry(check, hardware_key(record.get("provenance", {})))
     details = entry.get("details") if isinstance(entry, dict) else None
-    return isinstance(details, dict) and "statistics_file" not in details
+    return isinstance(details, dict) and ("statistics_file" not in details or not paired_entry(entry))
+
+
+def paired_entry(entry: Mapping[str, Any]) -> bool:
+    """A set-level entry recorded with per-image features beside it and a noise floor: compared
+    paired (``set_verdicts``).  Older entries compare values."""
+    details = entry.get("details", {})
+    return isinstance(details, dict) and "noise_floor" in details and "statistics_file" in details

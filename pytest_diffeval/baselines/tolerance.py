@@ -20,12 +20,22 @@ PERTURBATIONS = ({"threads": 1}, {"batch_size": 1}, {"threads": 2}, {"batch_size
 
 
 def derive_tolerance(metric: Any, entry: dict[str, Any], tolerance: float | None) -> tuple[float, str]:
-    """The tolerance a comparison uses and where it came from: the test's explicit value, else
-    the largest of the metric's floor, drift's seed noise, ``NOISE_FACTOR`` x the calibrated
-    noise and ``SPREAD_FACTOR`` x a set-level metric's resampling spread."""
+    """The tolerance a comparison uses and where it came from: the test's explicit value; for a
+    paired set-level entry the larger of its recorded noise floor and ``NOISE_FACTOR`` x the
+    calibrated noise; else the largest of the metric's floor, drift's seed noise,
+    ``NOISE_FACTOR`` x the calibrated noise and ``SPREAD_FACTOR`` x a resampling spread."""
     if tolerance is not None:
         return float(tolerance), "explicit (tolerance= in the test)"
     details, noise = entry.get("details", {}), entry.get("noise", {})
+    if details.get("noise_floor") is not None:
+        # Paired set-level entries (set_verdicts): the floor is measured noise, not a percentage.
+        n = details.get("n", "N")
+        candidates = [(float(details["noise_floor"]),
+                       f"the seed-redraw noise at N={n} (each prompt's seeds split in two, 95th percentile)")]
+        if noise.get("max_abs_effect") is not None:
+            candidates.append((NOISE_FACTOR * float(noise["max_abs_effect"]),
+                               f"{NOISE_FACTOR:g} x the calibrated noise {float(noise['max_abs_effect']):.4g}"))
+        return max(candidates, key=lambda c: c[0])
     candidates = [(metric.default_tolerance(float(entry["value"])), "the metric's floor")]
     if details.get("seed_noise") is not None:
         # Drift: what re-drawing the seeds alone would cause (metrics/drift.py derives it).

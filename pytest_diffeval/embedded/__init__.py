@@ -7,6 +7,8 @@ name                               what
 ``diffeval/tiny-t2i-undertrained`` the same pipeline from an early checkpoint (regressed)
 ``diffeval/tiny-clip``             ``CLIPModel`` + ``CLIPProcessor`` for 16x16 images
 ``diffeval/tiny-checker``          ``DigitChecker``: digit classifier + colour statistics
+``diffeval/tiny-vlm``              ``LlavaForConditionalGeneration`` + ``LlavaProcessor``: yes/no
+                                   questions about digit and colours (``scripts/train_tiny_vlm.py``)
 =================================  ==================================================
 
 All load offline from local directories, e.g.
@@ -24,6 +26,7 @@ EMBEDDED: dict[str, Path] = {
     "diffeval/tiny-t2i-undertrained": WEIGHTS_DIR / "tiny-t2i-undertrained",
     "diffeval/tiny-clip": WEIGHTS_DIR / "tiny-clip",
     "diffeval/tiny-checker": WEIGHTS_DIR / "tiny-checker",
+    "diffeval/tiny-vlm": WEIGHTS_DIR / "tiny-vlm",
 }
 
 

@@ -122,6 +122,14 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "good_image_rate": ("derived", "GoodImageRate"),
     "seed_stability": ("derived", "SeedStability"),
     "inception_score": ("inception_score", "InceptionScore"),
+    # human-preference scorers (issue 20)
+    "pick_score": ("preference", "PickScore"),
+    "hps_v2": ("preference", "HPSv2"),
+    "image_reward": ("image_reward", "ImageReward"),
+    # prompt alignment by VQA (issue 19): modules of the vqa package, relative to this one
+    "vqa_score": (".vqa.metrics", "VQAScore"),
+    "tifa": (".vqa.metrics", "Tifa"),
+    "soft_tifa": (".vqa.metrics", "SoftTifa"),
 }
 
 
@@ -160,7 +168,7 @@ def register_metric(
 def get_metric(name: str) -> Metric:
     if name not in _REGISTRY and name in _BUILTINS:
         module, cls = _BUILTINS[name]
-        register_metric(getattr(importlib.import_module(f"{__name__}.{module}"), cls)())
+        register_metric(getattr(importlib.import_module(f".{module}", __name__), cls)())
     if name not in _REGISTRY:
         raise UnknownMetricError(f"pytest-diffeval: unknown metric {name!r}; known: {sorted(set(_REGISTRY) | set(_BUILTINS))} "
                        "(register your own with pytest_diffeval.metrics.register_metric)")

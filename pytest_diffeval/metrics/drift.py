@@ -10,8 +10,10 @@ apart) and is read and written by ``statistics_files``.
 
 What counts as drift.  With the same seeds a benign re-run gives a distance of ~0.  The
 default tolerance is the distance that re-drawing the seeds alone would cause
-(``seed_noise``): half the 95th percentile of the distance between random halves of the
-recorded set over ``SPLITS`` seeded splits.  The halving is because the expected Fréchet
+(``seed_noise``): half the 95th percentile of the distance between two halves of the
+recorded set that split each prompt's seeds (:func:`~pytest_diffeval.resampling.split_halves`:
+the same prompts, other seeds; a split of i.i.d. images would also mix prompts, several times
+the seed noise) over ``SPLITS`` seeded splits.  The halving is because the expected Fréchet
 distance between two independent sets of one distribution falls as 1/n (mean and
 covariance estimation error), so two halves (n/2 each) sit about twice as far apart as
 two full sets of n.  A model whose images moved less than new seeds would move them has
@@ -28,9 +30,10 @@ import numpy as np
 
 from .. import settings
 from .._hashing import digest_file
+from ..resampling import split_halves
 from . import Metric, MetricResult
 from .fid import _feature_extractor, set_feature_precision, update_capturing_features
-from .statistics_files import DRIFT_WRITER, STAT_KEYS, read_statistics, write_statistics
+from .statistics_files import DRIFT_WRITER, STAT_KEYS, features_state, read_statistics, write_statistics
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -57,18 +60,21 @@ def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(_compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)))
 
 
-def seed_noise(features: torch.Tensor, splits: int = SPLITS, seed: int = 0) -> float:
-    """The Fréchet distance that other seeds alone would cause at this set size (see the module doc)."""
+def seed_noise(features: torch.Tensor, keys: list[str], splits: int = SPLITS, seed: int = 0) -> float:
+    """The Fréchet distance that other seeds alone would cause at this set size: each split
+    divides every prompt's seeds in two (``keys``: the sample keys of ``features``' rows; see
+    the module doc)."""
     import torch
 
-    n = len(features)
-    if n < 4:
+    if len(features) < 4:
         return 0.0
-    generator = torch.Generator().manual_seed(seed)
+    generator = np.random.default_rng(seed)
     values = []
     for _ in range(splits):
-        order = torch.randperm(n, generator=generator)
-        values.append(_frechet(features[order[: n // 2]], features[order[n // 2 :]]))
+        a, b = (torch.as_tensor(half) for half in split_halves(keys, generator))
+        if min(len(a), len(b)) < 2:
+            return 0.0
+        values.append(_frechet(features[a], features[b]))
     return float(np.percentile(values, 95)) / 2.0
 
 
@@ -99,7 +105,7 @@ class Drift(Metric):
                                                            device, batch_size)
         state = {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS}
         details: dict[str, Any] = {"n": len(images), "num_features": int(own.shape[1]),
-                                   "preprocessing": preprocessing, "seed_noise": seed_noise(own)}
+                                   "preprocessing": preprocessing, "seed_noise": seed_noise(own, images.sample_keys)}
         value = 0.0
         if baseline_stats is not None:
             mean, cov = load_statistics(Path(baseline_stats), feature_id, int(own.shape[1]))
@@ -108,7 +114,8 @@ class Drift(Metric):
                 value = 0.0
             details["statistics_sha256"] = file_sha256(Path(baseline_stats))
         return MetricResult(self.name, value, feature_id, False, details=details,
-                            state={"tensors": state, "metadata": {"feature_id": feature_id, "preprocessing": preprocessing}})
+                            state=features_state(own, images.sample_keys, feature_id, tensors=state,
+                                                 metadata={"preprocessing": preprocessing}, writer=DRIFT_WRITER))
 
 
 def load_statistics(path: Path, feature_id: str, dims: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +134,9 @@ def load_statistics(path: Path, feature_id: str, dims: int | None = None) -> tup
 
 
 def save_statistics(state: dict[str, Any], path: Path) -> str:
-    """Write a :class:`Drift` result's ``state`` atomically; return the file's sha256 (16 hex).
+    """Write a :class:`Drift` result's ``state`` (or another set-level result's: its metadata
+    names its writer) atomically; return the file's sha256 (16 hex).
     Its tensors may be torch tensors (computed) or numpy arrays (a result from the result
     cache): both are written with ``safetensors.numpy``, so no torch is needed."""
-    write_statistics(state["tensors"], path, {**state["metadata"], "written_by": DRIFT_WRITER})
+    write_statistics(state["tensors"], path, {"written_by": DRIFT_WRITER, **state["metadata"]})
     return file_sha256(path)

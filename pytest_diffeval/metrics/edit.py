@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .. import settings
+from ..vqa.captions import caption, captioner_id
 from . import Metric, MetricInputError, MetricResult
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
@@ -111,9 +112,14 @@ class ClipDirectionalSimilarity(Metric):
 
     def compute(self, images: Any, *, source_images: Any = None, source_captions: Any = None,
                 target_captions: Any = None, clip_model: str | None = None, device: str | None = None,
-                batch_size: int = 64) -> MetricResult:
+                batch_size: int = 64, captioner: str | None = "clip",
+                caption_candidates: Sequence[str] | None = None) -> MetricResult:
         """Score the edited ``images`` against ``source_images`` and the caption pair (by
-        default those the ImageSet carries from ``generate``)."""
+        default those the ImageSet carries from ``generate``).  With no captions given or
+        carried, ``captioner`` (:func:`pytest_diffeval.vqa.captions.caption`: ``"clip"``
+        ranks ``caption_candidates``, default the embedded vocabulary; ``"vlm"``; None: an
+        error) captions the source images and the target captions are the images' prompts;
+        the captioner's identity joins the baseline signature."""
         import torch.nn.functional as F
 
         from .backbones import load_clip
@@ -123,6 +129,13 @@ class ClipDirectionalSimilarity(Metric):
         source_captions = carried(images, source_captions, "source_captions")
         target_captions = carried(images, target_captions, "target_captions")
         source = image_array(source_images, metric=self.name, option="source_images", count=n)
+        scorer: dict[str, Any] = {}
+        if captioner is not None and source_captions is None:
+            options = {"candidates": caption_candidates, "clip_model": clip_model}
+            source_captions = caption(source, captioner, **options, device=device)
+            scorer["captioner"] = captioner_id(captioner, **options)
+        if captioner is not None and target_captions is None:
+            target_captions, scorer["target_captions"] = list(images.prompts), "prompts"
         before = text_list(source_captions, metric=self.name, option="source_captions", count=n)
         after = text_list(target_captions, metric=self.name, option="target_captions", count=n)
         backbone = load_clip(clip_model or settings.current().clip_model, device or settings.resolved_device())
@@ -132,7 +145,8 @@ class ClipDirectionalSimilarity(Metric):
         direction = F.cosine_similarity(edited - original, _text_features(backbone, after) - _text_features(backbone, before))
         per_sample = direction.double().cpu().numpy()
         return MetricResult(self.name, float(per_sample.mean()), backbone.id, True, per_sample=per_sample,
-                            details={"truncated_prompts": long_captions})
+                            details={"truncated_prompts": long_captions,
+                                     **({"scorer": scorer, "source_captions": before} if scorer else {})})
 
 
 class ClipImageSimilarity(Metric):

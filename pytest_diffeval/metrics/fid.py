@@ -17,10 +17,12 @@ from .._hashing import digest_array, digest_files, digest_text
 from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
 from ..fingerprints import file_fingerprint
 from ..generation import read_pixels
+from ..resampling import bootstrap_indices
 from . import Metric, MetricInputError, MetricResult, MissingDependencyError, WeightsFileNotFoundError
 from .statistics_files import (
     STAT_KEYS,
     cache_dir,
+    features_state,
     read_cached_statistics,
     read_reference_statistics,
     write_cached_statistics,
@@ -285,21 +287,27 @@ BOOTSTRAP_MAX_FEATURES = 256  # above this each resample costs a large eigendeco
 BOOTSTRAP_RESAMPLES = 20
 
 
-def bootstrap_spread(metric: FrechetInceptionDistance, fake: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = 0) -> float:
-    """Std of FID when the generated set is resampled with replacement (seeded): how much
-    the number moves with other images of the same model.  Baselines derive the
-    tolerance of set-level metrics from it."""
+def real_moments(metric: FrechetInceptionDistance) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64, CPU) of ``metric``'s real-feature state."""
     import torch
-    from torchmetrics.image.fid import _compute_fid
 
     n = metric.real_features_num_samples.cpu().double()
     mean_real = metric.real_features_sum.cpu().double() / n
-    cov_real = (metric.real_features_cov_sum.cpu().double() - n * torch.outer(mean_real, mean_real)) / (n - 1)
-    generator = torch.Generator().manual_seed(seed)
+    return mean_real, (metric.real_features_cov_sum.cpu().double() - n * torch.outer(mean_real, mean_real)) / (n - 1)
+
+
+def bootstrap_spread(metric: FrechetInceptionDistance, fake: torch.Tensor, keys: list[str],
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:
+    """Std of FID over seeded two-stage resamples of the generated set (prompts, then seeds
+    within a prompt: :func:`~pytest_diffeval.resampling.bootstrap_indices` on the sample
+    ``keys``): how much the number moves with other images of the same model."""
+    import torch
+    from torchmetrics.image.fid import _compute_fid
+
+    mean_real, cov_real = real_moments(metric)
     values = []
-    for _ in range(resamples):
-        sample = fake[torch.randint(len(fake), (len(fake),), generator=generator)]
+    for index in bootstrap_indices(keys, seed, resamples):
+        sample = fake[torch.as_tensor(index)]
         values.append(float(_compute_fid(mean_real, cov_real, sample.mean(0), torch.cov(sample.T))))
     return float(np.std(values, ddof=1))
 
@@ -339,12 +347,17 @@ class FID(Metric):
         details = {"n": len(images), "n_reference": source["n"], "num_features": num_features,
                    "preprocessing": preprocessing, "reference": source}
         if num_features <= BOOTSTRAP_MAX_FEATURES:
-            details["spread"] = bootstrap_spread(metric, fake)
-        small = min(len(images), source["n"]) <= num_features
+            details["spread"] = bootstrap_spread(metric, fake, images.sample_keys)
+        small = [side for side, count in (("generated", len(images)), ("reference", source["n"]))
+                 if count <= num_features]  # either side's covariance below full rank biases the distance
         if small:
             details["warning"] = (
-                f"FID on {min(len(images), source['n'])} images with {num_features}-d features is biased upward "
-                "(the covariance has rank < its dimension); compare FIDs only at equal N, or use KID or CMMD for small sets"
+                f"FID on {len(images)} generated and {source['n']} reference images with {num_features}-d features "
+                f"is biased upward (the {' and '.join(small)} set's covariance has rank < its dimension); compare FIDs "
+                "only at equal N, or use KID or CMMD for small sets"
             )
             warnings.warn("pytest-diffeval: " + details["warning"], UserWarning, stacklevel=3)
-        return MetricResult(self.name, value, feature_id, False, details=details)
+        mean_real, cov_real = real_moments(metric)
+        state = features_state(fake, images.sample_keys, feature_id, {"mean": mean_real, "cov": cov_real},
+                               metadata={"preprocessing": preprocessing})
+        return MetricResult(self.name, value, feature_id, False, details=details, state=state)

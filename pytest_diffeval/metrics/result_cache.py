@@ -66,7 +66,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 
 def code_digest(metric: Any) -> str:
-    """pytest-diffeval's metric code (``metrics/``, ``embedded/``, ``generation/``) and the
+    """pytest-diffeval's metric code (``metrics/``, ``embedded/``, ``generation/``, ``vqa/``) and the
     file that defines ``metric`` (a user metric's module): editing either invalidates."""
     func = getattr(metric, "func", None)
     try:
@@ -76,7 +76,8 @@ def code_digest(metric: Any) -> str:
     memo = f"code:{own}"
     if memo not in _MEMO:
         files = sorted({*(_PACKAGE / "metrics").glob("*.py"), *(_PACKAGE / "embedded").glob("*.py"),
-                        *(_PACKAGE / "generation").glob("*.py"), *([Path(own).resolve()] if own else [])})
+                        *(_PACKAGE / "generation").glob("*.py"), *(_PACKAGE / "vqa").glob("*.py"),
+                        *([Path(own).resolve()] if own else [])})
         _MEMO[memo] = digest_files(files, 16)
     return _MEMO[memo]
 

@@ -10,6 +10,12 @@ One format, three kinds of file, told apart by their metadata only:
 * drift statistics beside a baseline JSON (``written_by`` = :data:`DRIFT_WRITER`): the
   recorded images' own state, read by ``metrics.drift``.
 
+A set-level baseline's file beside its JSON (drift's, and FID's, KID's and CMMD's with
+``written_by`` = :data:`FEATURES_WRITER`) also holds the recorded images' per-image
+``features`` (their sample keys in the ``sample_keys`` metadata) and the reference side
+(``reference_*``), for the paired set-level verdict (``set_verdicts``):
+:func:`features_state` builds it, :func:`read_features` reads it.
+
 All hold exactly :data:`STAT_KEYS` as float64 tensors and record the ``feature_id`` they were
 computed with; a reader refuses another feature id, missing keys and shapes FID cannot use.
 Written atomically with ``safetensors.numpy`` (torch tensors and numpy arrays alike, so a
@@ -35,6 +41,8 @@ STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_sa
 REFERENCE_FORMAT = "pytest-diffeval reference statistics 1"  # save_reference_statistics' files
 CACHE_FORMAT = "pytest-diffeval reference statistics cache 1"  # of the reference statistics cache entries
 DRIFT_WRITER = "pytest-diffeval drift"  # drift statistics beside a baseline ("written_by")
+FEATURES_WRITER = "pytest-diffeval features"  # a set-level baseline's per-image features ("written_by")
+FEATURES_KEY = "features"  # per-image features (N, D), rows in the order of the "sample_keys" metadata
 
 
 def cache_dir() -> Path:
@@ -161,3 +169,49 @@ def _features_hint(feature_id: str | None) -> str | None:
     """The ``features=`` value that gives ``feature_id``: its name without the ``@<hash>``
     (a local CLIP folder: its folder name, to be given as the path)."""
     return feature_id.split("@", 1)[0] if feature_id else feature_id
+
+
+def features_state(features: Any, keys: list[str], feature_id: str, reference: dict[str, Any] | None = None,
+                   *, tensors: dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
+                   writer: str = FEATURES_WRITER) -> dict[str, Any]:
+    """A set-level result's ``state``, what a baseline stores beside its JSON for paired
+    set-level verdicts (``set_verdicts``): this run's per-image ``features`` (rows in the order
+    of ``keys``, the sample keys ``"<seed>|<prompt>"``), the ``reference`` side's tensors
+    (stored as ``reference_<name>``: FID's ``mean``/``cov``, KID's and CMMD's ``features``) and
+    any other ``tensors`` (drift's statistics).  Arrays or torch tensors, stored as float64."""
+    stored = dict(tensors or {})
+    stored[FEATURES_KEY] = features
+    for name, value in (reference or {}).items():
+        stored[f"reference_{name}"] = value
+    arrays = {name: np.asarray(value.detach().cpu().double().numpy() if hasattr(value, "detach") else value,
+                               dtype=np.float64) if name != "real_features_num_samples" else value
+              for name, value in stored.items()}
+    return {"tensors": arrays, "metadata": {**(metadata or {}), "feature_id": feature_id,
+                                            "sample_keys": json.dumps(list(keys)), "written_by": writer}}
+
+
+def read_features(path: Path) -> tuple[np.ndarray, list[str], dict[str, np.ndarray], dict[str, str]]:
+    """``(per-image features, their sample keys, reference tensors by name, metadata)`` of a
+    file holding a :func:`features_state`; a :class:`ReferenceSetError` naming the file and the
+    fix when it is missing, unreadable or holds no features with one key per row."""
+    from safetensors import safe_open
+
+    fix = "restore it from version control, or re-record the baseline with pytest --snapshot-update"
+    if not path.is_file():
+        raise ReferenceSetError(f"pytest-diffeval: per-image features file {path} does not exist; fix: {fix}")
+    try:
+        with safe_open(str(path), "np") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = list(handle.keys())
+            features = handle.get_tensor(FEATURES_KEY) if FEATURES_KEY in names else None
+            reference = {name[len("reference_"):]: handle.get_tensor(name) for name in names
+                         if name.startswith("reference_")}
+        keys = json.loads(metadata.get("sample_keys", "null"))
+    except Exception as exc:  # noqa: BLE001 - truncated, not safetensors, bad metadata
+        raise ReferenceSetError(f"pytest-diffeval: cannot read per-image features {path} ({type(exc).__name__}: "
+                                f"{exc}); fix: {fix}") from exc
+    if features is None or features.ndim != 2 or not isinstance(keys, list) or len(keys) != len(features) \
+            or not all(isinstance(k, str) for k in keys):
+        raise ReferenceSetError(f"pytest-diffeval: {path} holds no per-image features with one sample key per row; "
+                                f"fix: {fix}")
+    return features.astype(np.float64), keys, {k: v.astype(np.float64) for k, v in reference.items()}, metadata

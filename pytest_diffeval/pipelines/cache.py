@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class PipelineCache:
         self.evictions: dict[str, int] = {}
         self.reloads_after_change = 0
         self.max_pipelines = max_pipelines
+        self.load_seconds = 0.0  # wall time of every load so far (durations files count a model's load apart)
 
     def get(
         self,
@@ -81,10 +83,12 @@ class PipelineCache:
             self.reloads_after_change += 1
         if key not in self._pipes:
             self.make_room(key.device, path, source=key.source)
+            started = time.perf_counter()
             self._pipes[key] = load_pipeline(
                 source, pipeline_class=pipeline_class, dtype=dtype, device=device,
                 scheduler=scheduler, **from_pretrained_kwargs,
             )
+            self.load_seconds += time.perf_counter() - started
             self.loads[key.source] = self.loads.get(key.source, 0) + 1
         self._pipes.move_to_end(key)
         return self._pipes[key]

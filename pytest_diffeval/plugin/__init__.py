@@ -12,11 +12,10 @@ import pytest
 
 from .. import session as sessions
 from .. import settings
-from ..scheduling import parse_shard
 from ..session import DiffevalSession, is_worker
 from .fixtures import diffeval_baseline, diffeval_device, diffusion_pipeline, generate
-from .hooks import SessionHooks, XdistHooks
-from .options import add_options, limit_worker_threads, settings_from, value
+from .hooks import DistributedHooks, SessionHooks, XdistHooks, join_launch, torchrun_launch
+from .options import add_options, limit_worker_threads, settings_from, sharding, value
 from .summary import process_loads
 
 __all__ = ["diffeval_baseline", "diffeval_device", "diffusion_pipeline", "generate",
@@ -27,8 +26,11 @@ MARKERS = (
     "--diffeval-require-gpu",
     "diffeval_plan(model, prompts, seeds=(0,), batch_size=None, **call_kwargs): the generations of these tests, "
     "made in full batches by the first of them to call generate(); each test then reads its own images",
-    "diffeval_model(model): the model this test uses; under -n and --diffeval-shard tests of one model are kept "
+    "diffeval_model(model): the model this test uses; under -n and --diffeval-splits tests of one model are kept "
     "together",
+    "diffeval_split: under --diffeval-splits N this test runs on every shard, each generate() call makes 1/N of its "
+    "(prompt, seed) samples, and FID/KID/CMMD/drift checks store their part's features; `python -m pytest_diffeval "
+    "results merge` gives the whole set's value and verdict",
 )
 
 
@@ -39,20 +41,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
-    shard = config.getoption("diffeval_shard")
-    if shard:
-        try:
-            parse_shard(shard)
-        except ValueError as exc:
-            raise pytest.UsageError(str(exc)) from None
+    sharding(config)  # a bad --diffeval-splits/--diffeval-group/--diffeval-shard is a usage error now
     if is_worker(config):
         limit_worker_threads(config)  # before anything imports torch
         if str(value(config, "diffeval_device") or "auto").strip() in ("auto", "cuda"):
             # Before any test (and so before the plugin initialises CUDA): see bind_worker_gpu.
             settings.bind_worker_gpu(str(config.workerinput.get("workerid", "")))  # type: ignore[attr-defined]
+    launch = torchrun_launch(config)  # before any test: refuses -n inside a torchrun launch
+    if launch is not None and str(value(config, "diffeval_device") or "auto").strip() in ("auto", "cuda"):
+        settings.bind_worker_gpu(f"gw{launch.local_rank}")  # each rank its LOCAL_RANK GPU, before CUDA starts
     session = DiffevalSession(settings_from(config), no_cache=bool(config.getoption("diffeval_no_cache")),
                               loads_at_start=process_loads())
     sessions.install(config, session)
+    if launch is not None:
+        join_launch(config, session, launch)
+        config.pluginmanager.register(DistributedHooks(config, session), "diffeval-distributed")
     config.pluginmanager.register(SessionHooks(config, session), "diffeval-session")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config, session), "diffeval-xdist")

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from .. import distributed, settings
 from .. import session as sessions
-from .. import settings
 from ..baselines import DiffevalBaseline
 from ..counters import COUNTERS
 from ..exceptions import InputError
@@ -18,7 +18,8 @@ from ..generation import ImageSet, check_seeds, generate_images
 from ..identity import load_provenance, torch_flags
 from ..pipelines import process_pipelines, split_load_options
 from ..planning import ensure_plan, images_from_cache, memory_image_cache, plain_text_to_image
-from .options import value
+from ..split import generate_part
+from .options import sharding, value
 
 
 def resolved_device() -> str:
@@ -64,6 +65,9 @@ class ImageGenerator:
         self.config, self.nodeid = request.config, request.node.nodeid
         self.session = sessions.of(request.config)
         self.load, self.device = load, device
+        # diffeval_split under --diffeval-splits N (N > 1): (this shard, N); each call makes its block
+        shards = sharding(request.config) if request.node.get_closest_marker("diffeval_split") else None
+        self.split = shards if shards is not None and shards[1] > 1 else None
 
     def __call__(self, source_or_pipeline: Any, prompts: Any = None, *, seeds: Any = (0,),
                  batch_size: int | None = None, **call_kwargs: Any) -> ImageSet:
@@ -71,6 +75,13 @@ class ImageGenerator:
         if size < 1:  # checked here: a fully cached call never reaches generate_images
             raise ValueError(f"pytest-diffeval: batch_size must be >= 1, got {size}; fix: pass a positive "
                              "batch_size= or --diffeval-batch-size, or leave it out for the default")
+        if self.split is not None:  # this shard's block of the samples, made by calls without the split
+            split, self.split = self.split, None
+            try:
+                return generate_part(lambda p, s, kw: self(source_or_pipeline, p, seeds=s, batch_size=batch_size, **kw),
+                                     prompts, check_seeds(seeds), call_kwargs, *split, self.nodeid)
+            finally:
+                self.split = split
         disk = self.session.image_cache()
         by_name = isinstance(source_or_pipeline, (str, os.PathLike))
         load_options, call_kwargs = split_load_options(call_kwargs)
@@ -104,6 +115,8 @@ class ImageGenerator:
                 provenance = None  # TF32/cuDNN/determinism flags differ from the memo's run: other images
             if provenance is not None:
                 images = images_from_cache(disk, provenance, plain, seed_list, call_kwargs, self.nodeid)
+        if not distributed.everyone(images is not None, "agree that every sample is cached"):
+            images = None  # under torchrun: a rank that lacks samples generates its share, so all do
         if images is None:
             images = generate_images(pipe(), prompts, seeds=seed_list, batch_size=size, test_id=self.nodeid,
                                      cache=cache, **call_kwargs)

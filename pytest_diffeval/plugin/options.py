@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from .. import settings
+from ..scheduling import parse_splits
 from ..session import is_worker
 
 
@@ -43,8 +44,19 @@ def add_options(parser: pytest.Parser) -> None:
                     help="generate every image and compute every backbone feature and metric again (bypass the "
                          "image, feature and metric-result caches)")
     group.addoption("--diffeval-shard", default=None, metavar="I/N",
-                    help="run only shard I of N (1-based) of the selected tests, each model's tests kept together: "
-                         "one CI runner per shard, then `python -m pytest_diffeval results merge`")
+                    help="the same as --diffeval-splits N --diffeval-group I (the older spelling)")
+    group.addoption("--diffeval-splits", type=int, default=None, metavar="N",
+                    help="split the selected tests into N shards balanced by time (--diffeval-durations), each "
+                         "model's tests kept together; run one with --diffeval-group (pytest-split's --splits, "
+                         "named apart so both plugins can be installed); then `python -m pytest_diffeval results merge`")
+    group.addoption("--diffeval-group", type=int, default=None, metavar="I",
+                    help="with --diffeval-splits N: run shard I (1-based) of N")
+    option("diffeval-durations", "diffeval_durations", "durations file (each test's seconds and each model's load "
+           "cost) that --diffeval-splits balances by, relative to the rootdir; absent: by test count",
+           default=".diffeval-durations.json")
+    group.addoption("--diffeval-store-durations", action="store_true", default=False,
+                    help="record this run's test durations and model load costs into --diffeval-durations (updated, "
+                         "written atomically); best from a cold run (--diffeval-no-cache)")
     option("diffeval-worker-threads", "diffeval_worker_threads", "CPU threads of each xdist worker: auto (the "
            "machine's cores divided among the workers, unless OMP_NUM_THREADS is set), keep, or a number",
            default="auto")
@@ -66,10 +78,29 @@ def add_options(parser: pytest.Parser) -> None:
            "are evicted when the GPU's free memory is short for the next one)", default="auto")
     option("diffeval-feature-dtype", "diffeval_feature_dtype", "precision of the FID/KID feature extractors: auto "
            "(float32 on CUDA, float64 on the CPU), float32 or float64; statistics stay float64", default="auto")
+    option("diffeval-dist-timeout", "diffeval_dist_timeout", "under torchrun / accelerate launch: seconds a rank "
+           "waits for the others at a collective before it stops the session naming the missing rank",
+           default="1800")
     group.addoption("--diffeval-require-gpu", action="store_true", default=False,
                     help="fail (do not skip) when no CUDA GPU is available or a GPU test would be skipped")
     parser.addini("diffeval_baselines_dir", help="folder of stored baselines, relative to the rootdir",
                   default="baselines")
+
+
+def sharding(config: pytest.Config) -> tuple[int, int] | None:
+    """``(group, splits)`` of ``--diffeval-splits/--diffeval-group`` (or ``--diffeval-shard``),
+    1-based; None when the run is not sharded; a bad combination is a UsageError."""
+    try:
+        return parse_splits(config.getoption("diffeval_splits"), config.getoption("diffeval_group"),
+                            config.getoption("diffeval_shard"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def durations_path(config: pytest.Config) -> tuple[Path, bool]:
+    """The durations file (relative to the rootdir) and whether it was named explicitly."""
+    given = config.getoption("diffeval_durations")
+    return (Path(config.rootpath) / (given or config.getini("diffeval_durations"))).resolve(), given is not None
 
 
 def value(config: pytest.Config, name: str) -> Any:

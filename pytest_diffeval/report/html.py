@@ -66,6 +66,9 @@ def _check_card(row: dict[str, Any], baselines: BaselineSamples) -> str:
     if row.get("delta") is not None:
         facts.append(("delta", format_signed(row.get("delta"))))
     facts.append(("backbone", row.get("backbone")))
+    details = row.get("details") if isinstance(row.get("details"), dict) else {}
+    if details.get("interpreter"):  # an external metric (metrics/external.py): the environment it ran in
+        facts.append(("environment", f"{details['interpreter']} ({details.get('python')}; {details.get('packages')})"))
     prompts = per_prompt(row, baselines.get(row))
     parts = [f'<div class="check {_verdict_class(verdict)}" data-metric="{_e(row.get("metric"))}" '
              f'data-verdict="{_e(verdict)}">',
@@ -90,8 +93,40 @@ def _check_card(row: dict[str, Any], baselines: BaselineSamples) -> str:
             body.append("<tr>" + "".join(cells) + "</tr>")
         parts.append(f'<table class="per-prompt"><caption>per prompt, mean over seeds, worst {_e(order)} first'
                      f'</caption><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
+    parts.append(_answers_table(row))
     parts.append("</div>")
     return "\n".join(parts)
+
+
+ANSWER_ROWS = 50  # images listed in a VQA check's answers table, those with failed questions first
+
+
+def _answers_table(row: dict[str, Any]) -> str:
+    """A VQA check's questions per image (``details["answers"]`` of vqa_score, tifa, soft_tifa):
+    the failed questions with the probability of their correct answer, then every answer's
+    probability; images with failed questions first.  Empty for other checks."""
+    answers = (row.get("details") or {}).get("answers")
+    if not isinstance(answers, list) or not answers:
+        return ""
+    images = [a for a in answers if isinstance(a, dict) and isinstance(a.get("questions"), list)]
+    images.sort(key=lambda a: not any(not q.get("passed", True) for q in a["questions"] if isinstance(q, dict)))
+
+    def question(q: dict[str, Any]) -> str:
+        blocked = f" (blocked: parent {q['blocked_by']} failed)" if q.get("blocked_by") is not None else ""
+        return f"{q.get('question')} → {q.get('answer')}: p={format_value(q.get('p'))}{blocked}"
+
+    body = []
+    for a in images[:ANSWER_ROWS]:
+        questions = [q for q in a["questions"] if isinstance(q, dict)]
+        failed_qs = [q for q in questions if not q.get("passed", True)]
+        shown = "<br>".join(_e(question(q)) for q in failed_qs) or '<span class="muted">none</span>'
+        every = ", ".join(f"{q.get('id')}: {format_value(q.get('p'))}" for q in questions)
+        body.append(f'<tr><td class="prompt">{_e(a.get("prompt"))}</td><td class="num">{_e(a.get("seed"))}</td>'
+                    f'<td class="{"neg" if failed_qs else ""}">{shown}</td><td class="num">{_e(every)}</td></tr>')
+    more = f", first {ANSWER_ROWS} of {len(images)}" if len(images) > ANSWER_ROWS else ""
+    return (f'<table class="per-prompt vqa-answers"><caption>questions per image: failed ones with the probability '
+            f'of their correct answer{more}</caption><thead><tr><th>prompt</th><th>seed</th><th>failed questions</th>'
+            f'<th>p(correct answer) per question</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
 def _display_width(width: int) -> int:

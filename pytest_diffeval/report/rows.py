@@ -15,7 +15,8 @@ from typing import Any, Iterable
 from ..hardware import hardware_key, select_entry
 
 FORMAT_VERSION = 1
-PASSING = frozenset({"pass", "improved", "recorded", "updated"})  # verdicts that do not fail a test
+PASSING = frozenset({"pass", "improved", "recorded", "updated", "partial"})  # verdicts that do not fail a test
+# "partial": a shard's part of a split generation (split.py); `results merge` judges the whole set
 # --snapshot-update wrote the baseline from this run: nothing was judged, and the baseline file
 # now holds this run's own numbers (an "updated" row keeps the replaced baseline and change).
 REWRITTEN = frozenset({"recorded", "updated"})

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from .._hashing import digest_bytes
 from .._io import atomic_write_bytes, atomic_write_text, inside
 from ..exceptions import UnsafePath
@@ -53,7 +54,7 @@ def baseline_images_enabled(config: Any) -> bool:
 def record_baseline_images(images: Any, baseline_file: Path, snapshot: Any) -> Path | None:
     """Called by ``DiffevalBaseline.assert_no_regression``: under ``--snapshot-update`` with
     ``--diffeval-baseline-images``, store thumbnails of the images beside the baseline file."""
-    if not getattr(snapshot, "update_snapshots", False):
+    if not getattr(snapshot, "update_snapshots", False) or not distributed.is_writer():  # torchrun: rank 0 only
         return None
     config = getattr(getattr(getattr(snapshot, "session", None), "pytest_session", None), "config", None)
     if config is None or not baseline_images_enabled(config):

@@ -1,6 +1,8 @@
 """Merging the results directories of several runners (shards) into one: one
 ``metrics.json`` (its head built by ``report.document_head``, like the plugin's), the image
-folders, and the HTML report regenerated from the merged checks."""
+folders, and the HTML report regenerated from the merged checks.  The parts of a split
+generation (``diffeval_split``: one per shard) become one check, measured on the whole set
+and judged here (``split.merge_parts``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .._io import atomic_path, atomic_write_text
-from ..exceptions import ReviewError
+from ..exceptions import ReviewError, SplitError
 from ..report import document_head, ordered_tests, render_html
+from ..split import is_part, merge_parts
 from .images import copy_images, folder_of, image_source
 from .validation import IMAGES_FIX, image_folder_name, validate_results
 
@@ -28,6 +31,8 @@ class Merged:
     failed_checks: int
     images: int
     notes: list[str] = field(default_factory=list)
+    split_checks: int = 0  # checks combined from the parts of split generations
+    split_failed: int = 0  # of which failed: only the merge could judge them
 
 
 _META_KEYS = ("created", "shard", "exitstatus", "args", "workers", "pytest_diffeval", "rootdir", "results_always")
@@ -116,11 +121,19 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
     last: Any = None
     owner: dict[str, Path] = {}
     folders: list[tuple[Path, Path, str, str]] = []  # source, its metrics.json, test, image folder name
+    parts: dict[tuple[str, str, int], list[tuple[Path, Path, dict[str, Any]]]] = {}  # split checks, per shard
     for source in sources:
         path, raw, data = _read_shard(source)
         tests = {c["test"] for c in data["checks"]} | {t["test"] for t in data.get("tests") or []}
+        split_here = {c["test"] for c in data["checks"] if is_part(c)}  # run on every shard: not an overlap
+        seen: dict[tuple[str, str], int] = {}
+        for check in data["checks"]:
+            if is_part(check):
+                key = (check["test"], check["metric"])
+                seen[key] = seen.get(key, -1) + 1
+                parts.setdefault((*key, seen[key]), []).append((source, path, check))
         for test in sorted(tests):
-            if test in owner and owner[test] != source and not allow_duplicates:
+            if test in owner and owner[test] != source and not allow_duplicates and test not in split_here:
                 raise ReviewError(f"{test} is in both {owner[test]} and {source}: overlapping shards? "
                                   "(--allow-duplicates keeps the later directory's results)")
             owner[test] = source
@@ -145,6 +158,12 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
                               "Fix: rerun both shards "
                               "with this pytest-diffeval (results folders are unique per test id), or merge them "
                               "into separate --out directories")
+    combined: list[dict[str, Any]] = []
+    for (test, metric, _), found in parts.items():  # every part read and combined before anything is written
+        try:
+            combined.append(merge_parts(test, metric, found))
+        except SplitError as exc:
+            raise ReviewError(str(exc).removeprefix("pytest-diffeval: ")) from None
 
     # 2. Copy the images and collect the checks, one input at a time.
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +182,7 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
             if owner.get(test["test"]) == source and test.get("outcome"):
                 outcomes[test["test"]] = test["outcome"]
         for check in data["checks"]:
-            if owner[check["test"]] != source:
+            if owner[check["test"]] != source or is_part(check):
                 continue
             if check.get("images"):
                 folder = folder_of(source)
@@ -177,13 +196,18 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
             passed.append(check.get("passed", False))
             rows.append(_row(check, strings))
         del data
+    for check in combined:
+        encoded.setdefault(check["test"], []).append(json.dumps(check))
+        passed.append(check["passed"])
+        rows.append(_row(check, strings))
+    split_failed = sum(not check["passed"] for check in combined)
     notes = [note for index in range(len(shards)) for note in shard_notes[index]]
     tests = ordered_tests(rows, outcomes)
     metas = [meta for _, _, _, meta in shards]
     meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pytest_diffeval": metas[0].get("pytest_diffeval"),
-        "exitstatus": max(m.get("exitstatus") or 0 for m in metas),
+        "exitstatus": max([m.get("exitstatus") or 0 for m in metas] + [1 if split_failed else 0]),
         "rootdir": metas[0].get("rootdir"),
         "args": ["results", "merge", *[str(s) for s in sources]],
         "workers": sum(m.get("workers") or 0 for m in metas),
@@ -203,5 +227,5 @@ def merge_results(sources: Iterable[str | Path], out: str | Path, *, allow_dupli
     atomic_write_text(out / "report.html", render_html(rows, meta, outcomes))
     summary = head["summary"]
     return Merged(out, summary["tests"], summary["checks"], summary["failed_tests"], summary["failed_checks"],
-                  len(copied), notes)
+                  len(copied), notes, len(combined), split_failed)
 

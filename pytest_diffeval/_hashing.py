@@ -97,8 +97,14 @@ def library_versions() -> dict[str, str]:
     """pytest-diffeval's, Python's and :data:`LIBRARIES`' versions from package metadata
     (imports none of them; ``-`` for one not installed). One process sees one set, so the
     answer is computed once."""
-    found = {"pytest_diffeval": __version__, "python": platform.python_version()}
-    for name in LIBRARIES:
+    return {"pytest_diffeval": __version__, "python": platform.python_version(), **package_versions(*LIBRARIES)}
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of ``names`` from package metadata (``-`` when absent), for cache
+    keys; imports none of them."""
+    found = {}
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

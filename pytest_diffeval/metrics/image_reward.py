@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 
 from .. import settings
+from .._hashing import package_versions
 from ..exceptions import DiffevalError, MetricInputError, MissingDependencyError
 from ..external_scorers import diffeval_image_reward as scorer_module
 from ..fingerprints import hub_snapshot
 from . import Metric, MetricResult
 from .external import ExternalMetric, ExternalScorer
-from .preference import package_versions, prompts_for, warn_truncated, weights_file, weights_id
+from .preference import prompts_for, warn_truncated, weights_file, weights_id
 from .result_cache import bound_options
 
 REPO = "THUDM/ImageReward"

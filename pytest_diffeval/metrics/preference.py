@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import process_cache, settings
+from .._hashing import package_versions
 from ..exceptions import (
     DiffevalError,
     MissingDependencyError,
@@ -104,17 +104,6 @@ def weights_file(value: str | Path | None, *, repo: str, filename: str, metric: 
         f"pytest-diffeval: {metric}: the weights {filename} of {text!r} are not in the Hugging Face cache "
         f"{HF_HUB_CACHE} (nothing is downloaded at test time); fix: `huggingface-cli download {text} {filename}` "
         f"on a machine with access (then point HF_HOME at that cache), or pass {option}=<path of the file>", text)
-
-
-def package_versions(*names: str) -> dict[str, str]:
-    """Installed versions of ``names`` (``-`` when absent), for cache keys; imports nothing."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "-"
-    return found
 
 
 def converted_from(path: Path) -> str | None:
@@ -342,6 +331,6 @@ class HPSv2(Metric):
 
 _version = hps_version  # compute's parameter shadows the function's name
 
-__all__ = ["HPSv2", "PickScore", "hps_version", "import_open_clip", "load_hps", "load_pickscore", "package_versions",
+__all__ = ["HPSv2", "PickScore", "hps_version", "import_open_clip", "load_hps", "load_pickscore",
            "prompts_for",
            "warn_truncated", "weights_file", "weights_id"]

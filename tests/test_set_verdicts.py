@@ -161,9 +161,15 @@ def test_a_set_level_baseline_stores_features_and_compares_paired(project: pytes
     """Record FID and CMMD with their per-image features, compare paired, catch a change, read
     an old-format entry by value (with the upgrade hint) and upgrade it with --snapshot-update."""
     project.makepyfile(test_user=SET_TEST)
-    project.runpytest("--snapshot-update").assert_outcomes(passed=1)
+    recorded = project.runpytest("--snapshot-update")
+    recorded.assert_outcomes(passed=1)
     [file] = baseline_files(project)
     data = json.loads(file.read_text())
+    for metric in ("fid", "cmmd"):  # what each recorded baseline protects, printed at recording
+        details = data["checks"][metric]["hardware"]["cpu/float32"]["details"]
+        [line] = [line for line in recorded.outlines if f" {metric}: noise floor " in line]
+        assert f"noise floor {details['noise_floor']:.4g};" in line and "at N=12" in line
+        assert ("detects >= " in line) == (details.get("mde_share") is not None)
     for metric in ("fid", "cmmd"):
         details = data["checks"][metric]["hardware"]["cpu/float32"]["details"]
         assert details["noise_floor"] > 0 and details["resamples"] == RESAMPLES

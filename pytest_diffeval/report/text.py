@@ -26,12 +26,30 @@ def summary_lines(rows: list[dict[str, Any]], *, max_test_width: int = 70) -> li
               for i in range(len(header))]
     lines = [("  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(cells)).rstrip(), bad)
              for cells, bad in table]
+    lines.extend((line, False) for line in protection_lines(rows))
     seen: set[str] = set()
     for row in rows:
         folder = row.get("images")
         if folder and failed(row) and folder not in seen:
             seen.add(folder)
             lines.append((f"images of {row['test']}: {folder}", False))
+    return lines
+
+
+def protection_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """For each set-level check recorded or updated in this run, what its baseline protects:
+    the noise floor it uses as tolerance and the smallest change it detects at this N
+    (``set_verdicts.recording_details``), so a user knows what the test can catch."""
+    lines = []
+    for row in rows:
+        details = row.get("details") or {}
+        if row.get("verdict") not in {"recorded", "updated"} or details.get("noise_floor") is None:
+            continue
+        share, change = details.get("mde_share"), details.get("mde_change")
+        detects = (f"detects >= {share:.1%} mismatched images (a change of {change:+.4g})" if share is not None
+                   else "detects no share of mismatched images up to 50%")
+        lines.append(f"{row.get('test')} {row.get('metric')}: noise floor {details['noise_floor']:.4g}; {detects} "
+                     f"at N={details.get('n', '?')}")
     return lines
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from filelock import FileLock
 from test_baselines import darken
 
@@ -115,7 +116,14 @@ def _run(pytester: pytest.Pytester, name: str, *args: str, results: str | None =
         mp.setenv("MKL_NUM_THREADS", "1")
         for leaked in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # when this suite runs under -n
             mp.delenv(leaked, raising=False)
-        result = pytester.runpytest(*options)
+        # A -n 0 run is in-process: the variables above reach only the -n 2 runs' workers, so this
+        # process runs on one thread too (it had 2 when this file ran alone, not under -n).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            result = pytester.runpytest(*options)
+        finally:
+            torch.set_num_threads(threads)
     results_dir = root / (results or "diffeval-results")
     return Run(name, int(result.ret), result.stdout.str(), result.parseoutcomes(), str(results_dir),
                str(root / report) if report else str(results_dir / "report.html"), str(junit), str(summary))

@@ -8,9 +8,10 @@ drift.  The baseline is recorded first (by torchrun, not timed); then, alternati
 changes hit both, the suite runs cold (``--diffeval-no-cache``) as one process with one
 thread and as two torchrun ranks (gloo, CPU) with one thread each.  Printed: the wall ratio
 (goal <= 0.6), the largest relative difference of every metric value between the two (goal
-<= 1e-6) and whether the 512 images are bit-identical (a digest of the uint8 pixels that
-rank 0 / the single process writes).  The machine's load average is printed with each run:
-another process on one of the 2 cores takes the core the second rank needs.
+<= 1e-6) and whether the 512 images are bit-identical (a digest of every sample's uint8
+pixels, each digested on the rank that made it; rank 0 / the single process writes it).
+The machine's load average is printed with each run: another process on one of the 2 cores
+takes the core the second rank needs.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def real():
 
 def test_distribution(generate, real, diffeval_baseline):
     images = generate("diffeval/tiny-t2i", HELDOUT_PROMPTS, seeds=SEEDS, num_inference_steps=20, guidance_scale=2.0)
+    # Each rank digests its own samples (reading images.images would gather every pixel to every rank).
+    digests = images.map_samples(lambda image: hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest())
     if os.environ.get("RANK", "0") == "0":
-        digest = hashlib.sha256(np.ascontiguousarray(images.images).tobytes()).hexdigest()
-        Path(os.environ["BENCH_DIGEST"]).write_text(f"{digest} {images.images.shape}")
+        digest = hashlib.sha256("".join(digests).encode()).hexdigest()
+        Path(os.environ["BENCH_DIGEST"]).write_text(f"{digest} {len(images)} x {images.image_size}")
     diffeval_baseline.assert_no_regression(images, ["fid", "kid", "cmmd"], reference=real)
     diffeval_baseline.assert_no_regression(images, "drift")
 """

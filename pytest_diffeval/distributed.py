@@ -3,12 +3,15 @@ the one module that talks to torch.distributed.
 
 A launch is recognised by the variables torchrun sets (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; multi-node torchrun with a rendezvous
-endpoint sets the same ones).  :func:`start` joins the process group (gloo on the CPU; on a
-GPU ``cpu:gloo,cuda:nccl``, so CPU tensors still travel over gloo) and returns a
+endpoint sets the same ones, and ``accelerate launch --multi_gpu`` starts torchrun; without
+``--multi_gpu`` accelerate starts one process, which is refused: :func:`accelerate_single_process`).
+:func:`start` joins the process group (gloo on the CPU; on a GPU ``cpu:gloo,cuda:nccl``, so
+CPU tensors still travel over gloo) and returns a
 :class:`Group` whose collectives are what the plugin needs: this rank's share of a
-generation's samples (:func:`share`), an all-gather of small arrays (samples' pixels, flags,
-per-sample values), an all-reduce in float64 of feature sums (Σf, Σfᵀf, n, as EDM2 does for
-FID) and a broadcast of rank 0's decision (JSON, never pickle).
+generation's samples (:func:`share`), an all-gather of small arrays (per-sample values and
+features; a set's pixels only when code reads them: ``generation.ShardedImageSet``), an
+all-reduce in float64 of feature sums (Σf, Σfᵀf, n, as EDM2 does for FID) and a broadcast
+of rank 0's decision (JSON, never pickle).
 
 No rank waits forever for one that died or hangs: before each collective every rank marks
 its arrival in the rendezvous store, and a rank that is not there within the timeout
@@ -51,9 +54,13 @@ class Launch:
 def detect_launch(environ: Mapping[str, str] | None = None) -> Launch | None:
     """The launch this process belongs to, from torchrun's variables; None outside one or in a
     launch of a single process (nothing to spread).  A half-set or malformed environment is a
-    :class:`DistributedError` naming the variable."""
+    :class:`DistributedError` naming the variable, and so is ``accelerate launch`` asked for
+    several processes without ``--multi_gpu`` (see :func:`accelerate_single_process`)."""
     env = os.environ if environ is None else environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
+        refusal = accelerate_single_process(env)
+        if refusal:
+            raise DistributedError(refusal)
         return None
     numbers: dict[str, int] = {}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
@@ -82,6 +89,24 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> Launch | None:
     return Launch(rank=rank, world_size=world, local_rank=numbers["LOCAL_RANK"], master_addr=str(env["MASTER_ADDR"]),
                   master_port=numbers["MASTER_PORT"],
                   agent_store=str(env.get("TORCHELASTIC_USE_AGENT_STORE", "")).lower() == "true")
+
+
+def accelerate_single_process(env: Mapping[str, str]) -> str | None:
+    """The message for ``accelerate launch --num_processes N`` (N > 1) that started one process,
+    or None.  Without ``--multi_gpu`` (with ``--cpu``, or where it finds fewer than 2 GPUs)
+    accelerate's "simple" launcher starts ONE process, sets MASTER_ADDR/MASTER_PORT but no
+    RANK/WORLD_SIZE (its multi-CPU mode is mpirun, ``--mpirun_hostfile``, whose ranks this
+    plugin does not join): each such process would run the whole suite and write alone.
+    The simple launcher alone sets ACCELERATE_USE_CPU, and sets MASTER_ADDR only when asked
+    for more than one process or machine (accelerate/utils/launch.py)."""
+    if "ACCELERATE_USE_CPU" not in env or not env.get("MASTER_ADDR") or "RANK" in env:
+        return None
+    return ("pytest-diffeval: accelerate launch started this pytest as a single process (ACCELERATE_USE_CPU="
+            f"{env['ACCELERATE_USE_CPU']!r}, MASTER_ADDR={env['MASTER_ADDR']!r}, no RANK/WORLD_SIZE): without "
+            "--multi_gpu, accelerate runs one process whatever --num_processes says (--cpu, or fewer than 2 GPUs "
+            "found), so the suite would not be spread; fix: `accelerate launch --multi_gpu --num_processes N -m pytest "
+            "...` (it starts torchrun: NCCL on GPUs, gloo on a machine without GPUs or with --diffeval-device=cpu), or "
+            "drop --num_processes for a single-process run")
 
 
 def xdist_refusal(launch: Launch | None, numprocesses: Any) -> str | None:
@@ -150,6 +175,9 @@ class Group:
     broken: str | None = None
     poll: float = field(default=0.002, repr=False)
     restore: Any = field(default=None, repr=False)  # undoes _torchmetrics_unsynced()
+    # Bytes this rank received from all-gathers, by kind ("pixels": a set's images; "rows":
+    # per-sample values and features): what shows that a run gathered no whole set of pixels.
+    gathered: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def rank(self) -> int:
@@ -172,7 +200,7 @@ class Group:
                                    f"process group broke earlier ({self.broken.splitlines()[0]})")
         self.seq += 1
         keys = [f"{self.seq}/{r}" for r in range(self.world_size)]
-        self.store.set(keys[self.rank], "1")
+        self.store.set(keys[self.rank], what)
         if self.seq > 2:
             try:
                 self.store.delete_key(f"{self.seq - 2}/{self.rank}")  # everyone is past it
@@ -186,6 +214,11 @@ class Group:
                            f"within {self.timeout:g} s")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+        reached = [value.decode(errors="replace") for value in self.store.multi_get(keys)]
+        if len(set(reached)) > 1:  # e.g. rank-0-only code reading a ShardedImageSet's images: gloo would hang
+            self._fail("the ranks reached different collectives (" + "; ".join(
+                f"rank {r}: {w}" for r, w in enumerate(reached)) + "): code that runs on some ranks only called "
+                "a collective")
 
     def _fail(self, why: str, cause: BaseException | None = None) -> None:
         test = _current_test()
@@ -205,9 +238,10 @@ class Group:
 
     # ------------------------------------------------------------------ collectives
 
-    def all_gather_array(self, array: np.ndarray, what: str = "all-gather") -> list[np.ndarray]:
+    def all_gather_array(self, array: np.ndarray, what: str = "all-gather", kind: str = "other") -> list[np.ndarray]:
         """Every rank's ``array`` (rank order).  Lengths (first axis) may differ; dtypes and the
-        other axes must not (empty arrays take the others' shape)."""
+        other axes must not (empty arrays take the others' shape).  The bytes received are
+        counted under ``kind`` in :attr:`gathered`."""
         import torch
 
         local = np.ascontiguousarray(array)
@@ -223,6 +257,7 @@ class Group:
         if len(local):
             padded[: len(local)] = local
         parts = self._gather_fixed(torch.from_numpy(padded), what)
+        self.gathered[kind] = self.gathered.get(kind, 0) + sum(part.nbytes for part in parts)
         return [part[: (s[0] if s else 0)].astype(local.dtype, copy=False) for part, s in zip(parts, shapes)]
 
     def _gather_fixed(self, tensor: Any, what: str) -> list[np.ndarray]:
@@ -233,9 +268,9 @@ class Group:
         self._collective(what, dist.all_gather, received, tensor)
         return [t.numpy() for t in received]
 
-    def gather_samples(self, local: np.ndarray, what: str = "gather samples") -> np.ndarray:
+    def gather_samples(self, local: np.ndarray, what: str = "gather samples", kind: str = "other") -> np.ndarray:
         """The whole set from every rank's block of it (see :func:`share`)."""
-        return merge_shares(self.all_gather_array(local, what))
+        return merge_shares(self.all_gather_array(local, what, kind))
 
     def all_reduce_sums(self, sums: Mapping[str, np.ndarray], what: str = "all-reduce feature sums") -> dict[str, np.ndarray]:
         """``sums`` (e.g. :func:`statistics_of`) summed over the ranks, in float64."""

@@ -19,6 +19,7 @@ import inspect
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -26,13 +27,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 __all__ = ["PixelTextToImagePipeline"]
 
 
-class PixelTextToImagePipeline(DiffusionPipeline):
+class PixelTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image diffusion directly in pixel space (no VAE).
 
     Components: ``unet`` (``UNet2DConditionModel`` with ``in_channels=out_channels=3``,
     predicting epsilon), ``text_encoder`` (``CLIPTextModel``; its last hidden state
     is the cross-attention context), ``tokenizer`` (``CLIPTokenizer``) and
-    ``scheduler`` (any diffusers scheduler).
+    ``scheduler`` (any diffusers scheduler).  LoRA weights in diffusers/peft format load
+    like Stable Diffusion's (``load_lora_weights``, ``fuse_lora``; ``unet`` and
+    ``text_encoder`` are the LoRA-loadable modules), so ``lora=`` works on it.
     """
 
     model_cpu_offload_seq = "text_encoder->unet"

@@ -43,7 +43,11 @@ def results_folder(test_id: str) -> Path:
 
 def save_images(images: Any) -> Path | None:
     """Save the run's images (once) under the results directory; return the folder."""
-    if images is None or not hasattr(images, "save") or not distributed.is_writer():  # torchrun: rank 0 only
+    if images is None or not hasattr(images, "save"):
+        return None
+    if hasattr(images, "gather_rows"):  # torchrun: every rank gathers the pixels (a collective), rank 0 saves
+        images.gather()
+    if not distributed.is_writer():
         return None
     if images.saved_to is None:
         images.save(results_folder(current_test_id(images)))

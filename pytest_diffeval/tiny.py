@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines and CLIP backbones, built entirely offline and
+"""Tiny random-weight diffusers pipelines and CLIP/VGG19 backbones, built entirely offline and
 saved in hub layout, so the real loading code (``from_pretrained``) runs without a
 network.  For the plugin's own tests and for users' smoke tests of their suite's
 plumbing: their images are noise and their scores mean nothing.
@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from .metrics.style import vgg19_features
 
 _CHARS = [chr(c) for c in range(33, 127)]
 
@@ -303,4 +305,29 @@ def build_tiny_lora(path: str | Path, *, seed: int = 0, rank: int = 4, image_siz
         state[name] = strength * torch.randn(tensor.shape, generator=generator) / rank**0.5
     path = Path(path)
     StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=state, safe_serialization=True)
+    return path
+
+
+def build_random_vgg19(path: str | Path, *, seed: int = 0, widths: tuple[int, ...] = (16, 32, 64, 64, 64)) -> Path:
+    """Save a narrow VGG19 ``features`` stack with seeded random weights (He-normal convs,
+    zero biases; torchvision's keys, ``features.<i>.weight``) as ``path`` (.safetensors) and
+    return it: the ``vgg_weights=`` of ``style_loss`` where ImageNet VGG19 weights are not
+    available.  Gram matrices of random convolutions still measure texture and colour
+    statistics (Ustyuzhaninov et al. 2017, "What does it take to generate natural
+    textures?"), so it can tell styles apart; its values are not comparable with the
+    ImageNet VGG19's.  The weights come from their own ``torch.Generator``: the same file
+    for the same seed and widths."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in vgg19_features(tuple(widths)).state_dict().items():
+        if name.endswith("weight"):
+            fan_in = tensor.shape[1] * tensor.shape[2] * tensor.shape[3]
+            tensor = torch.randn(tensor.shape, generator=generator) * (2.0 / fan_in) ** 0.5
+        else:
+            tensor = torch.zeros(tensor.shape)
+        state[f"features.{name}"] = tensor.contiguous()
+    path = Path(path)
+    save_file(state, str(path))
     return path

@@ -7,10 +7,11 @@ turns them off for a call).  Each problem says what to check to fix it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ._hashing import digest_bytes
 from .exceptions import TripwireError  # noqa: F401 - re-exported
 from .recording import fail
 
@@ -31,19 +32,26 @@ def _sample(images: Any, index: int) -> str:
 def find_problems(images: Any, *, identical_tolerance: int = 0) -> list[str]:
     """Human-readable problems of an ImageSet (empty when healthy), each with its fix."""
     problems = []
-    flat = images.images.reshape(len(images), -1).astype(np.int16)
+    # One line per sample (constant?, first value, content digest): under torchrun each rank
+    # summarises its own block, so no rank needs the whole set's pixels.
+    summaries = (images.map_samples(_summary, "summarise the samples for the tripwires")
+                 if hasattr(images, "map_samples") else [_summary(image) for image in images.images])
     nonfinite = [i for i, bad in enumerate(images.nonfinite or []) if bad]
     if nonfinite:
         problems.append(f"{len(nonfinite)} of {len(images)} images had NaN/inf in the pipeline's output "
                         f"(e.g. fp16 overflow), first: {_sample(images, nonfinite[0])}; {FIX_NONFINITE}")
-    constant = [i for i in range(len(images)) if flat[i].max() == flat[i].min()]
+    constant = [i for i, summary in enumerate(summaries) if summary[0]]
     if constant:
-        level = int(flat[constant[0]][0])
+        level = int(summaries[constant[0]][1])
         kind = "all black (safety checker replacement or broken VAE)" if level == 0 else f"constant (value {level})"
         fix = FIX_BLACK if level == 0 else FIX_CONSTANT
         problems.append(f"{len(constant)} of {len(images)} images are {kind}, first: "
                         f"{_sample(images, constant[0])}; {fix}")
-    identical = _identical_pair(images, flat, identical_tolerance)
+    if identical_tolerance:  # near-identical pixels: compared in full
+        flat = images.images.reshape(len(images), -1).astype(np.int16)
+        identical = _identical_pair(images, lambda a, b: np.abs(flat[a] - flat[b]).max() <= identical_tolerance)
+    else:
+        identical = _identical_pair(images, lambda a, b: summaries[a][2] == summaries[b][2])
     if identical:
         seed, a, b = identical
         problems.append(f"different prompts gave identical images with seed {seed}: {images.prompts[a]!r} "
@@ -51,15 +59,21 @@ def find_problems(images: Any, *, identical_tolerance: int = 0) -> list[str]:
     return problems
 
 
-def _identical_pair(images: Any, flat: np.ndarray, tolerance: int) -> tuple[int, int, int] | None:
-    """The first (seed, i, j) whose two different prompts gave the same picture."""
+def _summary(image: np.ndarray) -> list[Any]:
+    """Whether ``image`` is constant, its first value and a digest of its pixels."""
+    return [bool(image.min() == image.max()), int(image.reshape(-1)[0]),
+            digest_bytes(np.ascontiguousarray(image).tobytes(), 32)]
+
+
+def _identical_pair(images: Any, same: Callable[[int, int], bool]) -> tuple[int, int, int] | None:
+    """The first (seed, i, j) whose two different prompts gave the same picture (``same``)."""
     by_seed: dict[int, list[int]] = {}
     for index, seed in enumerate(images.seeds):
         by_seed.setdefault(seed, []).append(index)
     for seed, indices in by_seed.items():
         for a_pos, a in enumerate(indices):
             for b in indices[a_pos + 1:]:
-                if images.prompts[a] != images.prompts[b] and np.abs(flat[a] - flat[b]).max() <= tolerance:
+                if images.prompts[a] != images.prompts[b] and same(a, b):
                     return seed, a, b
     return None
 

@@ -17,6 +17,11 @@ Variants (seconds to make; nothing is trained), the "regression zoo":
                         DDPM swap at 20 steps is *not* a regression here: it samples as well)
 * ``overflow-nan``      one UNet weight scaled past float range (what fp16 does past 65504):
                         the output is NaN
+* ``colours-swapped``   a composition failure: every image shows the asked-for digit with the
+                        prompt's two colours exchanged (stroke <-> background).  Made without
+                        training: the shipped tokenizer's ``tokenizer.json`` gains normalizer rules
+                        that rewrite each embedded prompt with its colours swapped, loaded as a
+                        ``PreTrainedTokenizerFast`` (which honours them); model weights untouched
 
 Benign variations the suite must pass (tests/test_embedded_suite.py): 1 or 2 threads,
 batch size 1 or 8, ``-n 2``, a fresh process.
@@ -32,6 +37,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from pytest_diffeval.embedded import resolve_embedded
+from pytest_diffeval.embedded.data import ALL_COMBOS, caption
 from pytest_diffeval.tiny import perturb_weights
 
 GOOD = "diffeval/tiny-t2i"
@@ -76,6 +82,22 @@ def overflow(path: Path) -> None:
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
+def swap_colours(path: Path) -> None:
+    """Rewrite every embedded prompt "a F digit D on a B background" as "a B digit D on a F
+    background" in the tokenizer's normalizer (one literal rule per prompt; the rewritten text
+    starts with "A" so no later rule matches it again, and a final lowercase undoes that)."""
+    file = path / "tokenizer" / "tokenizer.json"
+    data = json.loads(file.read_text())
+    rules = [{"type": "Replace", "pattern": {"String": caption(digit, fg, bg)},
+              "content": "A" + caption(digit, bg, fg)[1:]} for digit, fg, bg in ALL_COMBOS]
+    data["normalizer"] = {"type": "Sequence", "normalizers": [data["normalizer"], *rules, {"type": "Lowercase"}]}
+    file.write_text(json.dumps(data))
+    index_file = path / "model_index.json"  # CLIPTokenizer rebuilds its normalizer; the fast tokenizer reads the file
+    index = json.loads(index_file.read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index_file.write_text(json.dumps(index, indent=2))
+
+
 MAKERS = {
     "noise-0.3": lambda p: perturb_weights(p, "unet", scale=0.3, seed=0),
     "noise-1.0": lambda p: perturb_weights(p, "unet", scale=1.0, seed=0),
@@ -83,6 +105,7 @@ MAKERS = {
     "prompts-shuffled": swap_tokens,
     "scheduler-swapped": swap_scheduler,
     "overflow-nan": overflow,
+    "colours-swapped": swap_colours,
 }
 
 

@@ -6,6 +6,7 @@ suite under ``torchrun --nproc_per_node=2`` against a single-process run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -133,6 +134,112 @@ def test_collectives_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert "COLLECTIVES OK rank 0" in done.stdout and "COLLECTIVES OK rank 1" in done.stdout
 
 
+SHARDED = """
+import numpy as np
+import torch
+
+from pytest_diffeval import distributed as d
+from pytest_diffeval import tripwires
+from pytest_diffeval.generation import ImageSet, ShardedImageSet
+from pytest_diffeval.exceptions import DistributedError
+from pytest_diffeval.metrics import Metric, MetricResult, compute_metric, register_metric
+
+
+class Features(torch.nn.Module):
+    num_features = 6
+    id = "test-moments"
+
+    def forward(self, x):
+        x = x.double() / 255
+        return torch.cat([x.mean((2, 3)), (x ** 2).mean((2, 3))], 1)
+
+
+@register_metric("brightness")
+def brightness(images):
+    return images.images.mean(axis=(1, 2, 3))
+
+
+@register_metric("picky")
+def picky(images):
+    if "p2" in images.prompts:  # samples 6-8: rank 1's block
+        raise ValueError("no p2")
+    return np.zeros(len(images))
+
+
+class Contrast(Metric):  # a set-level metric that knows nothing of ranks: it gets the whole set
+    name, per_sample = "contrast", False
+
+    def compute(self, images):
+        return MetricResult(self.name, float(images.images.std()), "pixels", True)
+
+
+register_metric(Contrast())
+
+
+group = d.start(d.detect_launch(), timeout=60)
+rng = np.random.default_rng(0)
+pixels = rng.integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+pixels[4] = 7  # a constant image
+pixels[3] = pixels[0]  # seed 0 of prompts p0 and p1: identical images
+prompts, seeds = [f"p{i // 3}" for i in range(9)], [i % 3 for i in range(9)]
+whole = ImageSet(images=pixels, prompts=prompts, seeds=seeds, nonfinite=[False] * 9)
+block = group.share(9)
+sharded = ShardedImageSet(local=pixels[list(block)], block=block, group=group, image_size=(8, 8), prompts=prompts,
+                          seeds=seeds, nonfinite=[False] * 9)
+reference = ImageSet(images=rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8), prompts=["r"] * 12,
+                     seeds=list(range(12)))
+assert len(sharded) == 9 and sharded.image_size == (8, 8)
+assert tripwires.find_problems(sharded) == tripwires.find_problems(whole) and len(tripwires.find_problems(whole)) == 2
+
+one, two = compute_metric("brightness", whole), compute_metric("brightness", sharded)
+assert np.array_equal(one.per_sample, two.per_sample) and one.value == two.value, (one, two)
+options = {"clip_model": "diffeval/tiny-clip", "prompts": [f"a {i} digit" for i in range(9)]}  # sliced to the block
+one, two = compute_metric("clip_score", whole, **options), compute_metric("clip_score", sharded, **options)
+assert np.array_equal(one.per_sample, two.per_sample) and one.value == two.value, (one, two)
+try:  # it fails in rank 1's block: rank 1 raises the metric's error, rank 0 names rank 1; none waits
+    compute_metric("picky", sharded)
+    raise AssertionError("no error")
+except DistributedError as exc:
+    assert group.rank == 0 and "rank 1 failed to gather the per-sample values of picky" in str(exc), exc
+except ValueError as exc:
+    assert group.rank == 1 and "no p2" in str(exc), exc
+for name, options, limit in [("fid", {"reference": reference, "features": Features()}, 1e-9),
+                             ("kid", {"reference": reference, "features": Features(), "subsets": 5}, 0.0),
+                             ("cmmd", {"reference": reference, "clip_model": "diffeval/tiny-clip"}, 0.0),
+                             ("drift", {"features": Features()}, 0.0)]:
+    one, two = compute_metric(name, whole, **options), compute_metric(name, sharded, **options)
+    assert abs(one.value - two.value) <= limit * abs(one.value), (name, one.value, two.value)
+    a, b = one.state["tensors"], two.state["tensors"]  # the per-image features the paired verdicts use, too
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-12, atol=0), (name, key)
+    assert one.details.keys() == two.details.keys(), name
+assert group.gathered.get("pixels", 0) == 0 and group.gathered["rows"] > 0, group.gathered
+assert compute_metric("contrast", sharded).value == compute_metric("contrast", whole).value
+assert np.array_equal(sharded.images, pixels) and group.gathered["pixels"] >= pixels.nbytes  # the fallback
+fresh = ShardedImageSet(local=pixels[list(block)], block=block, group=group, image_size=(8, 8), prompts=prompts,
+                        seeds=seeds)
+try:  # code on rank 0 only reads the pixels (a collective): both ranks stop, neither hangs in gloo
+    fresh.images if group.rank == 0 else group.all_gather_json(group.rank, "something else")
+    raise AssertionError("no error")
+except DistributedError as exc:
+    assert ("the ranks reached different collectives (rank 0: gather the pixels of 9 samples: shapes; rank 1: "
+            "something else: shapes)") in str(exc), exc
+print(f"SHARDED OK rank {group.rank}")
+d.stop(group)
+"""
+
+
+def test_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_its_pixels(tmp_path: Path) -> None:
+    """Each rank holds its block of a set's pixels: a per-sample metric's values, FID/KID/CMMD/
+    drift (features gathered) and the tripwires equal one process's on the whole set, and no
+    pixels travel until code that is not distribution-aware reads ``images``."""
+    (tmp_path / "sharded.py").write_text(SHARDED)
+    done = _torchrun("sharded.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SHARDED OK rank 0" in done.stdout and "SHARDED OK rank 1" in done.stdout
+
+
 DEAD_RANK_TEST = """
 import os, signal
 
@@ -220,6 +327,24 @@ def test_distribution_against_baseline(generate, real, diffeval_baseline):
     diffeval_baseline.assert_no_regression(images, "drift")
 """
 
+SUITE_CONFTEST = """
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_diffeval import distributed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def traffic():
+    yield
+    group = distributed.current()
+    if group is not None and os.environ.get("TRAFFIC"):  # the bytes each rank received from all-gathers, by kind
+        Path(f"{os.environ['TRAFFIC']}-rank{group.rank}.json").write_text(json.dumps(group.gathered))
+"""
+
 SUITE_INI = """[pytest]
 diffeval_clip_model = diffeval/tiny-clip
 diffeval_fid_features = clip:diffeval/tiny-clip
@@ -252,6 +377,7 @@ def _rank_lines(output: str, rank: int) -> list[str]:
 def test_a_suite_under_torchrun_equals_one_process_and_a_regression_fails_on_every_rank(tmp_path: Path) -> None:
     (tmp_path / "test_suite.py").write_text(SUITE)
     (tmp_path / "pytest.ini").write_text(SUITE_INI)
+    (tmp_path / "conftest.py").write_text(SUITE_CONFTEST)
     pytest_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "--diffeval-no-cache"]
 
     single = subprocess.run([sys.executable, "-m", "pytest", *pytest_args, "--snapshot-update",
@@ -262,12 +388,17 @@ def test_a_suite_under_torchrun_equals_one_process_and_a_regression_fails_on_eve
     summary = tmp_path / "step-summary.md"
     ranked = _torchrun("-m", "pytest", *pytest_args, "--snapshot-update", "-o", "diffeval_baselines_dir=baselines-dist",
                        "--diffeval-results=results-dist", "--junitxml=junit.xml", cwd=tmp_path,
-                       env=_environment(GITHUB_STEP_SUMMARY=str(summary)))
+                       env=_environment(GITHUB_STEP_SUMMARY=str(summary), TRAFFIC=str(tmp_path / "passing")))
     assert ranked.returncode == 0, ranked.stdout[-4000:] + ranked.stderr[-2000:]
     for rank in (0, 1):
         assert any("2 passed" in line for line in _rank_lines(ranked.stdout, rank)), ranked.stdout[-3000:]
         assert f"pytest-diffeval: rank {rank} of 2: exit status 0 (rank 0's)" in _rank_lines(ranked.stdout, rank)
-    # The same values (every sample keeps its seed; pixels are gathered) and the same baselines.
+    # Metrics ran where the images are: per-sample values and features travelled, no rank
+    # received pixels (a passing run saves no images).
+    for rank in (0, 1):
+        gathered = json.loads((tmp_path / f"passing-rank{rank}.json").read_text())
+        assert gathered.get("pixels", 0) == 0 and gathered["rows"] > 0, gathered
+    # The same values (every sample keeps its seed) and the same baselines.
     single_values, ranked_values = _values(tmp_path / "results-single"), _values(tmp_path / "results-dist")
     assert single_values.keys() == ranked_values.keys() and len(single_values) == 5
     for key, measured in single_values.items():
@@ -292,7 +423,7 @@ def test_a_suite_under_torchrun_equals_one_process_and_a_regression_fails_on_eve
     # A planted regression (the embedded model's early checkpoint) fails on every rank.
     regressed = _torchrun("-m", "pytest", *pytest_args, "-o", "diffeval_baselines_dir=baselines-dist",
                           "--diffeval-results=results-regressed", "--diffeval-model=diffeval/tiny-t2i-undertrained",
-                          cwd=tmp_path)
+                          cwd=tmp_path, env=_environment(TRAFFIC=str(tmp_path / "failing")))
     assert regressed.returncode != 0
     finals = [[line for line in _rank_lines(regressed.stdout, rank) if " in " in line and "failed" in line]
               for rank in (0, 1)]
@@ -303,3 +434,157 @@ def test_a_suite_under_torchrun_equals_one_process_and_a_regression_fails_on_eve
     assert any(line.strip().startswith("exitcode  : 1") for line in regressed.stderr.splitlines())
     verdicts = {v[2] for v in _values(tmp_path / "results-regressed").values()}
     assert verdicts & {"regressed", "fail"}, verdicts
+    # ... and the failed checks' images, which the report shows, were gathered to be saved.
+    assert json.loads((tmp_path / "failing-rank0.json").read_text())["pixels"] > 0
+
+
+# --------------------------------------------------------------------------- other launchers: accelerate, multi-node
+
+# What accelerate 1.16's "simple" launcher (no --multi_gpu: --cpu, or no GPU found) puts in the
+# environment of the ONE process it starts for `accelerate launch --cpu --num_processes 2`.
+ACCELERATE_SIMPLE = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": "29500"}
+
+
+def test_accelerate_asked_for_several_processes_but_starting_one_is_refused() -> None:
+    message = distributed.accelerate_single_process(ACCELERATE_SIMPLE)
+    assert message and message.startswith("pytest-diffeval: accelerate launch started this pytest as a single process")
+    assert "ACCELERATE_USE_CPU='True'" in message and "fix: `accelerate launch --multi_gpu --num_processes N" in message
+    assert message in (Path(__file__).parents[1] / "README.md").read_text()  # the "Bad input" row quotes it
+    with pytest.raises(DistributedError, match=r"single process .*fix:"):
+        distributed.detect_launch(ACCELERATE_SIMPLE)
+    # One process asked for (accelerate sets no MASTER_ADDR then) and torchrun's ranks (under
+    # --multi_gpu accelerate starts torchrun, which sets RANK) are not refused.
+    one = {k: v for k, v in ACCELERATE_SIMPLE.items() if not k.startswith("MASTER_")}
+    assert distributed.accelerate_single_process(one) is None and distributed.detect_launch(one) is None
+    ranked = {**ACCELERATE_SIMPLE, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert distributed.accelerate_single_process(ranked) is None
+    assert distributed.detect_launch(ranked) == distributed.Launch(1, 2, 1, "127.0.0.1", 29500)
+
+
+LAUNCHED_ARGS = ("-p", "no:cacheprovider", "-p", "no:randomly", "-k", "test_prompts_against_baseline")
+
+
+def _suite_in(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test_suite.py").write_text(SUITE)
+    (folder / "pytest.ini").write_text(SUITE_INI)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's per-prompt test (15 samples, 8 + 7 over two ranks) run in one process, with
+    --snapshot-update: the results and baselines the launchers below must reproduce."""
+    folder = _suite_in(tmp_path_factory.mktemp("one-process"))
+    done = subprocess.run([sys.executable, "-m", "pytest", *LAUNCHED_ARGS, "--diffeval-no-cache", "--snapshot-update",
+                           "-o", "diffeval_baselines_dir=baselines", "--diffeval-results=results"],
+                          cwd=folder, env=_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return folder
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def _close(measured: Any, expected: Any, rel_tol: float) -> bool:
+    """``measured`` equals ``expected`` (JSON-like data), numbers within ``rel_tol`` relative."""
+    if isinstance(expected, float) and isinstance(measured, (int, float)) and rel_tol:
+        return math.isclose(measured, expected, rel_tol=rel_tol)
+    if isinstance(expected, dict):
+        return (isinstance(measured, dict) and measured.keys() == expected.keys()
+                and all(_close(measured[k], v, rel_tol) for k, v in expected.items()))
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(measured, (list, tuple)) and len(measured) == len(expected)
+                and all(_close(m, e, rel_tol) for m, e in zip(measured, expected)))
+    return measured == expected
+
+
+def _assert_same_as_one_process(reference: Path, folder: Path, rel_tol: float = 0.0) -> None:
+    """``folder``'s metrics.json values/verdicts and baselines equal the one-process run's
+    (exactly, or numbers within ``rel_tol``)."""
+    expected, measured = _values(reference / "results"), _values(folder / "results")
+    assert expected and measured.keys() == expected.keys()
+    for key, value in expected.items():
+        assert _close(measured[key], value, rel_tol), (key, measured[key], value)
+    files = _files(reference / "baselines")
+    assert files and _files(folder / "baselines") == files
+    for name in files:
+        one, two = reference / "baselines" / name, folder / "baselines" / name
+        if name.suffix == ".json":
+            assert _close(_without_times(json.loads(two.read_text())), _without_times(json.loads(one.read_text())),
+                          rel_tol), name
+        else:
+            assert one.read_bytes() == two.read_bytes(), name
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_accelerate_launch_gives_the_one_process_results_and_rank_0_alone_writes(one_process: Path, tmp_path: Path,
+                                                                                ) -> None:
+    folder = _suite_in(tmp_path / "run")
+    accelerate = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+    # --cpu starts one process whatever --num_processes says: refused, with the fix.
+    single = subprocess.run([*accelerate, "--cpu", "--num_processes", "2", "-m", "pytest", *LAUNCHED_ARGS],
+                            cwd=folder, env=_environment(), capture_output=True, text=True, timeout=300)
+    assert single.returncode != 0
+    assert ("ERROR: pytest-diffeval: accelerate launch started this pytest as a single process (ACCELERATE_USE_CPU="
+            "'True', MASTER_ADDR='127.0.0.1', no RANK/WORLD_SIZE)") in single.stdout + single.stderr, single.stderr[-3000:]
+    assert not (folder / "results").exists()
+    # --multi_gpu starts torchrun (2 gloo ranks on this CPU-only machine).
+    summary = tmp_path / "step-summary.md"
+    done = subprocess.run(
+        [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--tee", "3",
+         "-m", "pytest", *LAUNCHED_ARGS, "--diffeval-no-cache", "--snapshot-update", "-o",
+         "diffeval_baselines_dir=baselines", "--diffeval-results=results", "--junitxml=junit.xml"],
+        cwd=folder, env=_environment(GITHUB_STEP_SUMMARY=str(summary)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"pytest-diffeval: rank {rank} of 2: exit status 0 (rank 0's)" in _rank_lines(done.stdout, rank), \
+            done.stdout[-3000:]
+    _assert_same_as_one_process(one_process, folder)
+    assert summary.read_text().count("### pytest-diffeval:") == 1
+    assert any("diffeval metrics:" in line for line in _rank_lines(done.stdout, 0))
+    assert not any("diffeval metrics:" in line for line in _rank_lines(done.stdout, 1))
+    assert (folder / "junit.xml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_two_nodes_with_a_c10d_rendezvous_give_the_one_process_results(one_process: Path, tmp_path: Path) -> None:
+    """Two torchrun agents (--nnodes=2 --nproc_per_node=1) on this machine stand for two nodes:
+    each its own checkout (cwd) and TMPDIR, LOCAL_RANK=0 on both, RANK 0/1 given by the c10d
+    rendezvous (node_rank is ignored there, so either node may be rank 0); they share only an
+    image cache folder (as on NFS).  RANK, not LOCAL_RANK, picks the writer: one node writes
+    results and baselines (the one-process run's), the other no file."""
+    port, shared = _free_port(), tmp_path / "shared-cache"
+    nodes = []
+    for node in (0, 1):
+        folder = _suite_in(tmp_path / f"node{node}")
+        (tmp_path / f"tmp{node}").mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                   f"--rdzv-id=diffeval-{port}", "--tee", "3", "-m", "pytest", *LAUNCHED_ARGS,
+                   f"--diffeval-cache-dir={shared}", "--snapshot-update", "-o", "diffeval_baselines_dir=baselines",
+                   "--diffeval-results=results"]
+        env = _environment(TMPDIR=str(tmp_path / f"tmp{node}"), GITHUB_STEP_SUMMARY=str(tmp_path / "summary.md"))
+        nodes.append((folder, subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True)))
+    outputs = [process.communicate(timeout=600)[0] for _, process in nodes]
+    for (_, process), out in zip(nodes, outputs):
+        assert process.returncode == 0, out[-4000:]
+    ranks = [next(r for r in (0, 1) if f"pytest-diffeval: rank {r} of 2: exit status 0 (rank 0's)" in _rank_lines(out, 0))
+             for out in outputs]  # each agent prefixes its one process [default0]: LOCAL_RANK 0 on both nodes
+    assert sorted(ranks) == [0, 1], outputs
+    writer, other = nodes[ranks.index(0)][0], nodes[ranks.index(1)][0]
+    # With the cache on, CLIP's text features are embedded per rank (each block's own prompts
+    # in one batch): float32 batch effects, within the issue's 1e-6 (--diffeval-no-cache: exact).
+    _assert_same_as_one_process(one_process, writer, rel_tol=1e-6)
+    # (syrupy itself makes the baseline's folder before the plugin's writer declines: empty there)
+    assert _files(other) == [Path("pytest.ini"), Path("test_suite.py")] and not (other / "results").exists()
+    assert (tmp_path / "summary.md").read_text().count("### pytest-diffeval:") == 1
+    # Both nodes stored their share of the samples in the shared cache, one file per sample.
+    (samples,) = [value[1] for value in _values(writer / "results").values()]
+    assert samples and len(list((shared / "images").rglob("*.png"))) == len(samples)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,24 +66,33 @@ def test_shipped_model_passes_under_benign_variation(variation: str, tmp_path: P
     args, threads = BENIGN[variation]
     code, output, checks = run_suite(tmp_path, *args, threads=threads)
     assert code == 0, output[-6000:]
-    assert re.search(r"\b12 passed", output), output[-2000:]  # 11 + test_preference_checks' embedded one
-    assert len({check["test"] for check in checks}) == 12, checks  # every test's checks were recorded...
+    assert re.search(r"\b13 passed", output), output[-2000:]  # 11 + test_preference_checks' two embedded ones
+    assert len({check["test"] for check in checks}) == 13, checks  # every test's checks were recorded...
     assert not caught(checks), sorted(caught(checks))  # ...and passed
 
 
 ZOO = ["undertrained", "noise-0.3", "noise-1.0", "text-zeroed", "prompts-shuffled", "scheduler-swapped",
-       "overflow-nan"]
+       "overflow-nan", "colours-swapped"]
 HELDOUT = "test_heldout_prompts_against_baseline"
-# What must catch each member (measured, README "regression zoo"); a member may trip more.
+LORA = ("test_lora_keeps_its_showcase_style", "style_loss")  # the LoRA no longer gives its showcase style
+# What must catch each member (measured, README "regression zoo"; benchmarks/vqa_vs_clip.py); a member may
+# trip more.  VQA: tiny-vlm's checks of the held-out set (paired and floors).
+VQA = {(HELDOUT, "vqa_score"), (HELDOUT, "soft_tifa")}
 EXPECTED = {
-    "undertrained": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"), ("test_prompt_is_followed", "clip_score")},
-    "noise-0.3": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"), ("test_distribution_matches_heldout_real_images", "fid")},
-    "noise-1.0": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"), ("test_prompt_is_followed", "clip_score")},
+    "undertrained": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"), ("test_prompt_is_followed", "clip_score"), *VQA,
+                     LORA},
+    "noise-0.3": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"), ("test_distribution_matches_heldout_real_images", "fid"),
+                  *VQA},
+    "noise-1.0": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"), ("test_prompt_is_followed", "clip_score"), *VQA,
+                  LORA},
     "text-zeroed": set(),  # the identical-images tripwire fires first
-    "prompts-shuffled": {(HELDOUT, "clip_score"), (HELDOUT, "colour_match"), ("test_prompt_is_followed", "clip_score")},
+    "prompts-shuffled": {(HELDOUT, "clip_score"), (HELDOUT, "colour_match"), ("test_prompt_is_followed", "clip_score"),
+                         *VQA, LORA},
     "scheduler-swapped": {(HELDOUT, "clip_score"), (HELDOUT, "digit_match"),
-                          ("test_distribution_matches_heldout_real_images", "fid")},
+                          ("test_distribution_matches_heldout_real_images", "fid"), *VQA},
     "overflow-nan": set(),  # the NaN tripwire fires before any metric
+    # stroke and background colour exchanged (README "What VQA checks catch that CLIP score misses")
+    "colours-swapped": {(HELDOUT, "clip_score"), (HELDOUT, "colour_match"), *VQA},
 }
 
 
@@ -102,3 +112,30 @@ def test_regression_zoo_member_fails_naming_what_caught_it(member: str, zoo: dic
         assert "tripwire: " in output and "had NaN/inf" in output
     elif member == "text-zeroed":  # every prompt gives the same image: the tripwire says so
         assert "different prompts gave identical images" in output
+    if member in CLIP_FLOORS_MISS:
+        mean = assert_vqa_floors_catch_what_clip_floors_pass(checks)
+        if member == "colours-swapped":  # the right digit, its colours wrong: the answers say so
+            assert mean["stroke"] < 0.5 and mean["background"] < 0.5 < mean["digit"], mean
+
+
+# Members whose per-prompt CLIP floors mostly pass while the VQA floors fail (measured, README "What
+# VQA checks catch that CLIP score misses"; CLIP's paired check against the baseline catches them).
+CLIP_FLOORS_MISS = ("noise-0.3", "scheduler-swapped", "colours-swapped")
+
+
+def assert_vqa_floors_catch_what_clip_floors_pass(checks: list[dict]) -> dict[str, float]:
+    """CLIP score's per-prompt floors pass most prompts, vqa_score's and soft_tifa's floors
+    fail the held-out set; returns Soft-TIFA's mean probability of the right answer per
+    question, from the answers the run recorded for its report."""
+    clip_floors = [check["verdict"] for check in checks
+                   if "test_prompt_is_followed" in check["test"] and check["metric"] == "clip_score"]
+    assert clip_floors and sum(v not in PASSING_VERDICTS for v in clip_floors) < len(clip_floors) / 2, clip_floors
+    floors = {check["metric"]: check for check in checks
+              if HELDOUT in check["test"] and check["threshold"] is not None}
+    for metric in ("vqa_score", "soft_tifa"):
+        assert floors[metric]["verdict"] not in PASSING_VERDICTS and floors[metric]["value"] < floors[metric]["threshold"]
+    p: dict[str, list[float]] = {}
+    for answer in floors["soft_tifa"]["details"]["answers"]:
+        for question in answer["questions"]:
+            p.setdefault(question["id"], []).append(question["p"])
+    return {qid: float(np.mean(ps)) for qid, ps in p.items()}

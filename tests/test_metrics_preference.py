@@ -334,6 +334,17 @@ def test_image_reward_refuses_a_pickle_and_names_the_conversion(fake_image_rewar
         compute_metric("image_reward", image_set(), image_reward_weights=str(weights / "ImageReward.pt"), device="cpu")
 
 
+def test_image_reward_refuses_weights_that_leave_scored_parameters_random(fake_image_reward):
+    """``strict=False`` (as the package's ``load()``) would keep a random MLP for a file that
+    lacks it; the real package's run is in test_image_reward_real.py."""
+    from pytest_diffeval.exceptions import MetricInputError
+
+    model, weights = fake_image_reward
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("mlp.")}, weights / "ImageReward.pt")
+    with pytest.raises(MetricInputError, match=r"ImageReward\.pt lacks 4 of the model's parameters \(mlp\.0\.bias.*fix:"):
+        compute_metric("image_reward", image_set(), image_reward_weights=str(weights / "ImageReward.pt"), device="cpu")
+
+
 def test_image_reward_without_the_package_or_an_interpreter_names_both(tmp_path, monkeypatch):
     monkeypatch.delenv("DIFFEVAL_IMAGE_REWARD_PYTHON", raising=False)
     (tmp_path / "ImageReward.pt").write_bytes(b"")

@@ -1,5 +1,6 @@
 """VQA metrics (issue 19): the transformers backend's probabilities are a softmax over the logits
-of random-weight tiny LLaVA and Idefics3 (SmolVLM) models computed by hand; DSG's dependency rule; the scorer in the
+of random-weight tiny LLaVA, Idefics3 (SmolVLM) and PaliGemma models computed by hand (Qwen2.5-VL:
+test_vqa_qwen.py); DSG's dependency rule; the scorer in the
 baseline signature and the result-cache key; McNemar for 0/1 values; the report's answers
 table; and ``vqa_score``/``soft_tifa`` in ``assert_no_regression`` end to end."""
 
@@ -113,6 +114,43 @@ def build_tiny_idefics3(folder: Path) -> Path:
     return folder
 
 
+def build_tiny_paligemma(folder: Path) -> Path:
+    """A random-weight PaliGemma (SigLIP tower, Gemma text model) and PaliGemmaProcessor with the
+    same word-level tokenizer.  It has no chat template: the processor puts the image tokens and
+    BOS before the question and a newline after it; its prefix attends bidirectionally."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+    )
+
+    vocab = {w: i for i, w in enumerate([*WORDS, "\n"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation("isolated")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", padding_side="left")
+    image_processor = SiglipImageProcessor(size={"height": 16, "width": 16})
+    image_processor.image_seq_length = 4  # (16 / 8) ** 2 patches
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=fast)
+    config = PaliGemmaConfig(
+        text_config={"model_type": "gemma", "vocab_size": len(processor.tokenizer), "hidden_size": 16,
+                     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "head_dim": 8, "max_position_embeddings": 128, "initializer_range": 0.5,
+                     "pad_token_id": vocab["<pad>"]},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 8, "projection_dim": 16},
+        image_token_id=processor.image_token_id, projection_dim=16)
+    torch.manual_seed(0)
+    PaliGemmaForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("vlm") / "tiny-llava")
@@ -124,33 +162,50 @@ def image_set(n: int = 4) -> ImageSet:
 
 
 def by_hand(folder: Path, image: np.ndarray, question: str, answer: Sequence[str]) -> float:
-    """P(answer | image, question) from the model's logits, one unpadded row, computed here."""
+    """P(answer | image, question) from the model's logits, one unpadded row, the whole sequence
+    run again for each answer token.  The prompt is the chat template's user turn, or (PaliGemma,
+    no template) ``<image>`` and the question; each appended answer token is text in Qwen2.5-VL's
+    ``mm_token_type_ids`` (0) and a causal suffix token in PaliGemma's ``token_type_ids`` (1)."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if processor.chat_template:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = f"<image>{question}"
     inputs = processor(images=[Image.fromarray(image)], text=[text], return_tensors="pt")
+    inputs.pop("labels", None)
     ids = [processor.tokenizer.convert_tokens_to_ids(a.lower()) for a in answer]
+    appended = {"input_ids": None, "attention_mask": 1, "mm_token_type_ids": 0, "token_type_ids": 1}
     probability = 1.0
     with torch.no_grad():
         for token in ids:
             logits = model(**inputs).logits[0, -1].double()
             probability *= float(torch.softmax(logits, -1)[token])
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], 1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones((1, 1), dtype=torch.long)], 1)
+            for key, value in appended.items():
+                if key in inputs:
+                    column = torch.full((1, 1), token if value is None else value, dtype=inputs[key].dtype)
+                    inputs[key] = torch.cat([inputs[key], column], 1)
     return probability
 
 
 # --------------------------------------------------------------------------- the formula
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "idefics3", "paligemma"])
 def test_probabilities_are_a_softmax_over_the_vocabulary_of_the_next_token_logits(
         family: str, tiny_vlm: Path, tmp_path: Path) -> None:
-    tiny_vlm = tiny_vlm if family == "llava" else build_tiny_idefics3(tmp_path / "tiny-idefics3")
+    builders = {"idefics3": build_tiny_idefics3, "paligemma": build_tiny_paligemma}
+    tiny_vlm = tiny_vlm if family == "llava" else builders[family](tmp_path / f"tiny-{family}")
+    assert_formula(tiny_vlm)
+
+
+def assert_formula(tiny_vlm: Path) -> None:
+    """The backend's batched, right-padded probabilities of one- and two-token answers equal
+    :func:`by_hand`'s softmax of unpadded single rows (shared with the Qwen2.5-VL test)."""
     images = image_set(3).images
     questions = ["Is the digit red?", 'Does this figure show "a red digit 7 on a blue background"? Please answer '
                  "Yes or No.", "Is the background blue?"]  # different lengths: the batch is padded

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import sys
 
 VERSION = "ImageReward-v1.0"
 _MODELS: dict = {}
@@ -54,6 +55,21 @@ def state_dict(weights):
     return loaded
 
 
+SCORED = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.")  # the modules score() runs
+
+
+def _check_covered(weights, model, missing):
+    """Refuse a file that lacks parameters ``score()`` uses: ``strict=False`` would leave them
+    at their random initialisation and the rewards would be noise, silently."""
+    parameters = {name for name, _ in model.named_parameters()}
+    lacking = sorted(name for name in missing if name in parameters and name.startswith(SCORED))
+    if lacking:
+        raise ValueError(
+            "pytest-diffeval: image_reward: %s lacks %d of the model's parameters (%s%s), which would stay random; "
+            "fix: pass the ImageReward.pt of THUDM/ImageReward (or its safetensors conversion), a state dict of the "
+            "whole ImageReward model" % (weights, len(lacking), ", ".join(lacking[:3]), ", ..." if len(lacking) > 3 else ""))
+
+
 def load(weights, med_config, device="cpu"):
     """The package's ``ImageReward`` model with ``weights``, once per process (per file
     version: a file rewritten in place is loaded again)."""
@@ -61,8 +77,19 @@ def load(weights, med_config, device="cpu"):
                 for path in (weights, med_config)) + (str(device),)
     if key not in _MODELS:
         module = importlib.import_module("ImageReward.ImageReward")  # the submodule; the package re-exports a class
-        model = module.ImageReward(med_config=str(med_config), device=device).to(device)
-        model.load_state_dict(state_dict(weights), strict=False)  # strict=False as the package's load()
+        try:
+            model = module.ImageReward(med_config=str(med_config), device=device).to(device)
+        except OSError as exc:  # BertTokenizer.from_pretrained('bert-base-uncased') found no cached tokenizer
+            if not os.path.isfile(str(med_config)):
+                raise
+            raise ValueError(
+                "pytest-diffeval: image_reward: the ImageReward package could not load its BLIP tokenizer "
+                "'bert-base-uncased' in %s (%s: %s); fix: put it in this environment's Hugging Face cache once, "
+                "online: %s -c \"from transformers import BertTokenizer; BertTokenizer.from_pretrained("
+                "'bert-base-uncased')\"" % (sys.executable, type(exc).__name__, str(exc).splitlines()[0][:200],
+                                            sys.executable)) from exc
+        loaded = model.load_state_dict(state_dict(weights), strict=False)  # strict=False as the package's load()
+        _check_covered(weights, model, loaded.missing_keys)
         _MODELS[key] = model.eval()
     return _MODELS[key]
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from ..distributed import merge_shares
+from ..exceptions import DistributedError
 from .pixels import IMAGE_INPUTS
 
 if TYPE_CHECKING:
@@ -136,6 +138,15 @@ class ImageSet:
             draw.text((x + 2, y + tile + 1), f"s{seed} {prompt}"[: tile // 6], fill="black")
         return sheet
 
+    def gather(self) -> np.ndarray:
+        """The whole set's pixels (under torchrun gathered from the ranks: :class:`ShardedImageSet`)."""
+        return self.images
+
+    def map_samples(self, function: Callable[[np.ndarray], Any], what: str = "map samples") -> list[Any]:
+        """``function`` of each sample's pixels, in sample order (under torchrun each rank maps
+        its own block: :class:`ShardedImageSet`)."""
+        return [function(image) for image in self.images]
+
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         return ImageSet(
             images=self.images[list(indices)],
@@ -172,3 +183,93 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
         return f"<{type(value).__name__} shape={tuple(value.shape)} dtype={value.dtype}>"
     return repr(value)
+
+
+class ShardedImageSet(ImageSet):
+    """An :class:`ImageSet` made under torchrun: every rank holds the prompts, seeds, inputs
+    and flags of the whole set, but only the pixels of its own block of samples (``block``,
+    the global indices; see :func:`~pytest_diffeval.distributed.share`).
+
+    Distribution-aware code works on the block: :meth:`local_set`, :meth:`gather_rows` (a
+    per-sample value or feature row from each rank's block, gathered in sample order) and
+    :meth:`map_samples`.  Anything else that reads ``images`` (reports, user code) gets the
+    whole set's pixels, all-gathered once and kept: a collective, so every rank must read it
+    (rank-0-only code calls :meth:`gather` on every rank first)."""
+
+    def __init__(self, *, local: np.ndarray, block: range, group: Any, image_size: tuple[int, int],
+                 **fields: Any) -> None:
+        self.local, self.block, self.group, self._size = local, block, group, image_size
+        self._whole: np.ndarray | None = None
+        super().__init__(images=None, **fields)  # type: ignore[arg-type]  # the pixels stay on their ranks
+
+    def __post_init__(self) -> None:
+        if not (len(self.prompts) == len(self.seeds)) or len(self.local) != len(self.block):
+            raise ValueError(f"ShardedImageSet: {len(self.prompts)} prompts, {len(self.seeds)} seeds, block "
+                             f"{self.block} with {len(self.local)} images")
+
+    @property  # type: ignore[override]
+    def images(self) -> np.ndarray:
+        """The whole set's pixels: gathered from every rank on first use (a collective)."""
+        return self.gather()
+
+    @images.setter
+    def images(self, value: np.ndarray | None) -> None:
+        self._whole = value
+
+    def gather(self) -> np.ndarray:
+        """The whole set's pixels on every rank (all-gathered once; every rank must call it)."""
+        if self._whole is None:
+            what = f"gather the pixels of {len(self)} samples"
+            self._whole = self.group.gather_samples(self.local, what, kind="pixels")
+        return self._whole
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def whole_set(self) -> ImageSet:
+        """The whole set as a plain ImageSet (its pixels gathered: a collective)."""
+        return ImageSet(images=self.gather(), prompts=self.prompts, seeds=self.seeds, call_kwargs=self.call_kwargs,
+                        provenance=self.provenance, test_id=self.test_id, nonfinite=self.nonfinite,
+                        inputs=self.inputs)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self._size
+
+    def local_set(self) -> ImageSet:
+        """This rank's block as a plain ImageSet (inputs and flags sliced to it)."""
+        indices = list(self.block)
+        return ImageSet(
+            images=self.local, prompts=[self.prompts[i] for i in indices], seeds=[self.seeds[i] for i in indices],
+            call_kwargs=dict(self.call_kwargs), provenance=dict(self.provenance), test_id=self.test_id,
+            nonfinite=[self.nonfinite[i] for i in indices] if self.nonfinite is not None else None,
+            inputs={k: v[indices] if isinstance(v, np.ndarray) else [v[i] for i in indices]
+                    for k, v in self.inputs.items()})
+
+    def gather_rows(self, compute: Callable[[ImageSet], Any], what: str) -> np.ndarray:
+        """``compute`` (one row per sample: per-sample values, features) run on this rank's
+        block, gathered into the whole set's rows in sample order on every rank.  When it
+        raises on one rank every rank raises (none is left waiting at the gather)."""
+        rows, error = np.zeros((0,), dtype=np.float64), None
+        if len(self.block):
+            try:
+                rows = compute(self.local_set())
+                rows = np.asarray(rows.detach().cpu().numpy() if hasattr(rows, "detach") else rows)
+            except Exception as exc:  # noqa: BLE001 - raised below, after telling the other ranks
+                error = exc
+        errors = self.group.all_gather_json(None if error is None else f"{type(error).__name__}: {error}",
+                                            f"{what}: errors")
+        if error is not None:
+            raise error
+        failed = [(rank, message) for rank, message in enumerate(errors) if message]
+        if failed:
+            rank, message = failed[0]
+            raise DistributedError(f"pytest-diffeval: rank {rank} failed to {what}: {message}; fix: read that "
+                                   "rank's output for the traceback")
+        return merge_shares(self.group.all_gather_array(rows, what, kind="rows"))
+
+    def map_samples(self, function: Callable[[np.ndarray], Any], what: str = "map samples") -> list[Any]:
+        """``function`` of each sample's pixels (JSON-serialisable), for the whole set in sample
+        order: each rank maps its block and the results are all-gathered."""
+        parts = self.group.all_gather_json([function(image) for image in self.local], what)
+        return [item for part in parts for item in part]

@@ -12,8 +12,9 @@ import numpy as np
 from .. import distributed
 from .._hashing import digest_bytes
 from ..devices import call_with_oom_backoff
+from ..exceptions import DistributedError
 from .cache import Claim, ImageCache, fingerprint_arguments
-from .imageset import ImageSet, jsonable
+from .imageset import ImageSet, ShardedImageSet, jsonable
 from .pixels import to_uint8
 from .provenance import GpuMeter, pipeline_provenance
 from .request import Request, validate_request
@@ -200,18 +201,20 @@ class _Run:
                           if i not in self.fresh and (not made or self.results[i][0].shape not in made)], {})
 
     def gather(self) -> None:
-        """Under torchrun: every rank's block of samples (uint8 pixels and non-finite flags)
-        on every rank, so each holds the whole set in sample order; pixels travel, never seeds
-        or RNG state, so the set is the same for any number of ranks."""
+        """Under torchrun: every rank's image shape and non-finite flags on every rank; the
+        pixels stay where they were made (a :class:`ShardedImageSet`: metrics run on each
+        rank's block and gather values or features, never the whole set's pixels)."""
         if self.group is None:
             return
         local = [self.results[i] for i in self.mine]
-        pixels = np.stack([r[0] for r in local]) if local else np.zeros((0,), dtype=np.uint8)
-        flags = np.array([r[1] for r in local], dtype=bool)
-        what = f"gather the {len(self.jobs)} samples of {self.request.pipe_name}"
-        images = self.group.gather_samples(pixels, what)
-        nonfinite = self.group.gather_samples(flags, f"{what} (non-finite flags)")
-        self.results = [(image, bool(flag)) for image, flag in zip(images, nonfinite)]
+        what = f"gather the shapes and flags of the {len(self.jobs)} samples of {self.request.pipe_name}"
+        parts = self.group.all_gather_json([[list(r[0].shape), r[1]] for r in local], what)
+        shapes = {tuple(shape) for part in parts for shape, _ in part}
+        if len(shapes) > 1:
+            raise DistributedError(f"pytest-diffeval: ranks produced samples of different shapes {sorted(shapes)}; "
+                                   "fix: make every rank load the same model with the same arguments")
+        self.shape = shapes.pop()
+        self.nonfinite = [bool(flag) for part in parts for _, flag in part]
 
     def image_set(self, test_id: str | None) -> ImageSet:
         """The samples with what the ImageSet carries: inputs aligned per sample, the call
@@ -235,13 +238,18 @@ class _Run:
             generation_inputs["class_labels"] = list(request.labels)
         if generation_inputs:
             recorded["inputs"] = generation_inputs  # in the baseline signature: other inputs, other numbers
-        return ImageSet(
-            images=np.stack([r[0] for r in self.results]),
+        fields: dict[str, Any] = dict(
             prompts=[request.prompts[c] for c in job_cases],
             seeds=[s for _, s in self.jobs],
             call_kwargs=recorded,
             provenance={**self.provenance, **self.meter.fields()},
             test_id=test_id,
-            nonfinite=[r[1] for r in self.results],
             inputs=inputs,
         )
+        if self.group is not None:
+            local = [self.results[i][0] for i in self.mine]
+            pixels = np.stack(local) if local else np.zeros((0, *self.shape), dtype=np.uint8)
+            return ShardedImageSet(local=pixels, block=self.mine, group=self.group, image_size=self.shape[:2],
+                                   nonfinite=self.nonfinite, **fields)
+        return ImageSet(images=np.stack([r[0] for r in self.results]), nonfinite=[r[1] for r in self.results],
+                        **fields)

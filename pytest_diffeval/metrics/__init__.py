@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import warnings
 from typing import Any, Callable
 
 import numpy as np
 
+from .. import distributed
 from ..counters import COUNTERS
 from ..exceptions import (  # noqa: F401 - re-exported
     DiffevalError,
@@ -61,9 +63,27 @@ class Metric:
     # True: compute_metric may return a stored result (metrics/result_cache.py).  Only for
     # metrics whose result depends on nothing but the images, the options and the backbone.
     cacheable: bool = False
+    # True: each sample's value depends on that sample alone, so under torchrun each rank
+    # computes the metric on its block of the set and the per-sample values are gathered
+    # (``_compute``); the set's value and details then come from :meth:`combine`.
+    sample_wise: bool = False
+    # True: ``compute`` takes a ShardedImageSet as it is (FID, KID, CMMD, drift: each rank's
+    # features, gathered).  Other metrics get the whole set's pixels, gathered, under torchrun.
+    reads_blocks: bool = False
+    per_sample_options: tuple[str, ...] = ()  # options holding one entry per image: sliced to the block
 
     def compute(self, images: Any, **options: Any) -> MetricResult:
         raise NotImplementedError
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """A sample-wise metric's value and details for the whole set, from its per-sample
+        values and each rank's block's details (rank order): the mean, and rank 0's details
+        with the ``truncated_prompts`` of every block."""
+        combined = dict(details[0]) if details else {}
+        if "truncated_prompts" in combined:
+            combined["truncated_prompts"] = list(dict.fromkeys(
+                prompt for block in details for prompt in block.get("truncated_prompts", [])))
+        return float(per_sample.mean()), combined
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """What besides the images and the code determines this call's result: the options
@@ -89,6 +109,7 @@ class FunctionMetric(Metric):
         self.relative_tolerance = relative_tolerance
         self.backbone = backbone
         self.cacheable = cacheable
+        self.sample_wise = True  # a function of the images returning one value per image
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The function's options and its backbone (an embedded name or folder by its files)."""
@@ -149,7 +170,10 @@ def register_metric(
     depend only on the images, the options and ``backbone`` (an embedded name or a local
     folder is keyed by its files; the function's own source file is part of the key).
     ``binary=True`` declares pass/fail values (1 or 0 per image): baselines compare them with
-    the exact McNemar test; the default (None) does so whenever every value is 0 or 1."""
+    the exact McNemar test; the default (None) does so whenever every value is 0 or 1.
+    Under torchrun the function gets each rank's block of the set and the values are gathered,
+    so each value must depend on its own image alone (for a set-level number register a
+    :class:`Metric` whose ``sample_wise`` is False)."""
     if isinstance(name_or_metric, Metric):
         _REGISTRY[name_or_metric.name] = name_or_metric
         return name_or_metric
@@ -187,6 +211,8 @@ def compute_metric(name: str, images: Any, **options: Any) -> MetricResult:
         cache = result_cache()
         key = cache.key(metric, images, options) if cache is not None else None
         found = cache.get(key, name, len(images)) if key is not None else None
+        if hasattr(images, "gather_rows") and not distributed.everyone(found is not None, f"agree on {name}'s cache"):
+            found = None  # under torchrun: computed by all ranks (it gathers) unless every rank has it stored
         if found is not None:
             COUNTERS.result_hits += 1
             reemit(found[1])
@@ -207,15 +233,46 @@ def compute_metric(name: str, images: Any, **options: Any) -> MetricResult:
 
 
 def _compute(metric: Metric, images: Any, options: dict[str, Any]) -> MetricResult:
-    """``metric.compute`` with its errors named and its result checked for NaN/inf."""
+    """``metric.compute`` with its errors named and its result checked for NaN/inf.  Under
+    torchrun a sample-wise metric runs on this rank's block of the set (:func:`_per_block`)."""
     try:
-        result = metric.compute(images, **options)
+        if metric.sample_wise and hasattr(images, "gather_rows"):
+            result = _per_block(metric, images, options)
+        elif hasattr(images, "gather_rows") and not metric.reads_blocks:
+            result = metric.compute(images.whole_set(), **options)  # correct, if not spread: every rank computes
+        else:
+            result = metric.compute(images, **options)
     except Exception as exc:
         if _passes_through(exc):
             raise  # our own clear errors about the input, and errors already named
         raise metric_error(metric.name, exc) from exc
     check_finite(metric.name, images, result)
     return result
+
+
+def _per_block(metric: Metric, images: Any, options: dict[str, Any]) -> MetricResult:
+    """A sample-wise metric of a :class:`~pytest_diffeval.generation.ShardedImageSet`: computed
+    on this rank's block, its per-sample values all-gathered in sample order (one process's
+    values, up to the float effects of embedding other batches), its details combined."""
+    results: list[MetricResult] = []
+    indices = list(images.block)
+    options = {name: [value[i] for i in indices]
+               if name in metric.per_sample_options and value is not None and len(value) == len(images) else value
+               for name, value in options.items()}
+
+    def values(block: Any) -> np.ndarray:
+        results.append(metric.compute(block, **options))
+        return np.asarray(results[-1].per_sample, dtype=np.float64).reshape(-1)
+
+    per_sample = images.gather_rows(values, f"gather the per-sample values of {metric.name}")
+    mine = results[0] if results else None  # None: more ranks than samples left this one none
+    parts = images.group.all_gather_json(
+        None if mine is None else [mine.backbone, json.loads(json.dumps(mine.details, default=repr))],
+        f"gather the details of {metric.name}")
+    backbone = next(part[0] for part in parts if part is not None)
+    value, details = metric.combine(per_sample, [part[1] for part in parts if part is not None])
+    return MetricResult(metric.name, value, backbone, metric.higher_is_better, per_sample=per_sample,
+                        details=details, state=None if mine is None else mine.state)
 
 
 def _passes_through(exc: Exception) -> bool:

@@ -113,6 +113,7 @@ class Aesthetic(Metric):
     name = "aesthetic"
     higher_is_better = True
     per_sample = True
+    sample_wise = True
     absolute_tolerance = 0.1
     cacheable = True
 

@@ -19,6 +19,13 @@ class ClipScore(Metric):
     per_sample = True
     absolute_tolerance = 1.0
     cacheable = True
+    sample_wise = True
+    per_sample_options = ("prompts",)
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """torchmetrics' ``max(mean, 0)``; the truncated prompts of every rank's block."""
+        value, combined = super().combine(per_sample, details)
+        return max(value, 0.0), combined
 
     def compute(
         self,

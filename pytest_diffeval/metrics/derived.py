@@ -19,6 +19,7 @@ class _Derived(Metric):
     and the inner metric's key material, so a hit computes neither."""
 
     cacheable = True
+    reads_blocks = True  # it reads the prompts; the inner metric handles a torchrun rank's block
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         own = {k: v for k, v in options.items() if k in ("of", "threshold")}

@@ -17,7 +17,7 @@ import numpy as np
 from .. import settings
 from ..resampling import split_halves
 from . import Metric, MetricInputError, MetricResult
-from .fid import _feature_extractor, _load_folder, _update_from_arrays
+from .fid import _feature_extractor, _load_folder, _update_from_arrays, block_features
 from .statistics_files import features_state
 
 if TYPE_CHECKING:  # imported where used: a cached result needs neither torch nor torchmetrics
@@ -63,6 +63,7 @@ class KID(Metric):
     name = "kid"
     higher_is_better = False
     per_sample = False
+    reads_blocks = True
     relative_tolerance = 0.05
     absolute_tolerance = 1e-4
     cacheable = True
@@ -97,7 +98,11 @@ class KID(Metric):
         metric = KernelInceptionDistance(feature=fid.inception, subsets=max(1, subsets), subset_size=max(1, size),
                                          reset_real_features=False, normalize=False).to(device)
         _update_from_arrays(metric, iter(real), True, device, batch_size)
-        _update_from_arrays(metric, iter(images.images), False, device, batch_size)
+        if hasattr(images, "gather_rows"):  # under torchrun: each rank's block, the features gathered
+            metric.fake_features.append(block_features(metric.inception, images, device, batch_size,
+                                                       "gather the KID features").to(device))
+        else:
+            _update_from_arrays(metric, iter(images.images), False, device, batch_size)
         y = dim_zero_cat(metric.real_features).double()
         x = dim_zero_cat(metric.fake_features).double()
         details: dict[str, Any] = {"estimator": "unbiased", "n": n, "n_reference": n_real,
@@ -255,6 +260,7 @@ class CMMD(Metric):
     name = "cmmd"
     higher_is_better = False
     per_sample = False
+    reads_blocks = True
     relative_tolerance = 0.05
     absolute_tolerance = 1e-4
     cacheable = True
@@ -280,7 +286,11 @@ class CMMD(Metric):
                 warnings.warn(f"pytest-diffeval: CMMD on {count} {side} images is noisy ({n} generated, {n_real} "
                               f"reference); prefer >= {CMMD_MIN_N} on each side", UserWarning, stacklevel=3)
         embed = clip_features_module(backbone)
-        x = torch.nn.functional.normalize(embed(images.as_tensor(backbone.device)), dim=-1).double()
+        if hasattr(images, "gather_rows"):  # under torchrun: each rank embeds its block, the rows gathered
+            raw = block_features(embed, images, backbone.device, max(1, len(images)), "gather the CMMD embeddings")
+        else:
+            raw = embed(images.as_tensor(backbone.device))
+        x = torch.nn.functional.normalize(raw.to(backbone.device), dim=-1).double()
         y = torch.nn.functional.normalize(embed(torch.from_numpy(real).permute(0, 3, 1, 2).to(backbone.device)),
                                           dim=-1).double()
         unbiased = estimator == "unbiased"

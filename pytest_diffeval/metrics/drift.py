@@ -93,6 +93,7 @@ class Drift(Metric):
     name = "drift"
     higher_is_better = False
     per_sample = False
+    reads_blocks = True
     keeps_state = True
     cacheable = True
 

@@ -227,11 +227,49 @@ def _update_from_arrays(metric: FrechetInceptionDistance, arrays: Iterator[np.nd
     return count
 
 
-def update_capturing_features(metric: Any, images: Any, real: bool, device: str, batch_size: int) -> Any:
-    """Stream ``images`` into ``metric`` (its real or fake side) and return their per-image
-    features (float64, CPU), which the bootstrap spread and drift's seed noise resample."""
+def block_features(extractor: Any, images: Any, device: str, batch_size: int, what: str) -> torch.Tensor:
+    """The per-image features (rows, sample order, CPU) of a
+    :class:`~pytest_diffeval.generation.ShardedImageSet`'s whole set: each rank runs
+    ``extractor`` on its own block of images, in batches, and the rows are all-gathered (a few
+    KB per image instead of its pixels)."""
     import torch
 
+    def extract(block: Any) -> torch.Tensor:
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(block), batch_size):
+                batch = torch.from_numpy(block.images[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
+                rows.append(extractor(batch).detach().cpu())
+        return torch.cat(rows)
+
+    return torch.from_numpy(images.gather_rows(extract, what))
+
+
+def _accumulate(metric: Any, features: torch.Tensor, real: bool, batch_size: int) -> None:
+    """Add ``features`` to ``metric``'s Σf, Σfᵀf and n as torchmetrics' ``update`` does, in
+    the batches one process streaming the whole set makes, so the sums are the same."""
+    side = "real" if real else "fake"
+    total, outer, count = (getattr(metric, f"{side}_features_{name}") for name in ("sum", "cov_sum", "num_samples"))
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size].double().to(total.device)
+        total += chunk.sum(dim=0)
+        outer += chunk.t().mm(chunk)
+        count += len(chunk)
+    metric._update_count += 1  # torchmetrics' own count of updates: compute() warns when it is 0
+
+
+def update_capturing_features(metric: Any, images: Any, real: bool, device: str, batch_size: int) -> Any:
+    """Stream ``images`` into ``metric`` (its real or fake side) and return their per-image
+    features (float64, CPU), which the bootstrap spread and drift's seed noise resample.
+    Under torchrun (a sharded set) each rank extracts its block's features and the whole
+    set's are gathered (:func:`block_features`)."""
+    import torch
+
+    if hasattr(images, "gather_rows"):
+        features = block_features(metric.inception, images, device, batch_size,
+                                  f"gather the features of {len(images)} images").double()
+        _accumulate(metric, features, real, batch_size)
+        return features
     captured: list[torch.Tensor] = []
     hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
     try:
@@ -319,6 +357,7 @@ class FID(Metric):
     name = "fid"
     higher_is_better = False
     per_sample = False
+    reads_blocks = True
     relative_tolerance = 0.10
     cacheable = True
 

@@ -14,7 +14,11 @@ sha>`` and the routing.  The reward itself (BLIP ViT-L + BERT cross-attention + 
 Its own environment, once::
 
     python3 -m venv ~/venvs/image-reward
-    ~/venvs/image-reward/bin/pip install image-reward   # and a torch that fits your machine
+    ~/venvs/image-reward/bin/pip install image-reward==1.5 transformers==4.40.2 diffusers==0.31.0 \
+        timm==0.6.13 fairscale==0.4.13 openai-clip "setuptools<81"   # + a torch/torchvision pair
+
+(the pins ``.ci/run`` tests with the real package, offline, on a random-weight model of its
+architecture: ``tests/test_image_reward_real.py``; README, "Human-preference scorers")
 
 then ``image_reward_python="~/venvs/image-reward/bin/python"`` (option) or
 ``DIFFEVAL_IMAGE_REWARD_PYTHON=...`` (environment).

@@ -181,6 +181,8 @@ class PickScore(Metric):
     name = "pick_score"
     higher_is_better = True
     per_sample = True
+    sample_wise = True  # under torchrun: each rank scores its block
+    per_sample_options = ("prompts",)
     absolute_tolerance = 0.2
     cacheable = True
     max_tokens = 77
@@ -284,6 +286,8 @@ class HPSv2(Metric):
     name = "hps_v2"
     higher_is_better = True
     per_sample = True
+    sample_wise = True  # under torchrun: each rank scores its block
+    per_sample_options = ("prompts",)
     absolute_tolerance = 0.2
     cacheable = True
     max_tokens = 77

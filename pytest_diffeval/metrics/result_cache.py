@@ -90,7 +90,9 @@ def image_set_digest(images: Any) -> str:
     """The content of an ImageSet: pixels, prompts, seeds and the inputs it carries."""
     if not (_is_image_set(images) and hasattr(images, "prompts") and hasattr(images, "seeds")):
         raise Unkeyable(f"{type(images).__name__} is not an ImageSet")
-    material = [digest_array(images.images), [str(p) for p in images.prompts], [int(s) for s in images.seeds],
+    pixels = (digest_json(images.map_samples(digest_array, "digest the samples for the result cache"), 32)
+              if hasattr(images, "gather_rows") else digest_array(images.images))  # torchrun: each rank its block
+    material = [pixels, [str(p) for p in images.prompts], [int(s) for s in images.seeds],
                 canonical(dict(getattr(images, "inputs", None) or {}))]
     return digest_json(material, 32, default=None)
 

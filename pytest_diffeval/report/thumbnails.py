@@ -54,10 +54,14 @@ def baseline_images_enabled(config: Any) -> bool:
 def record_baseline_images(images: Any, baseline_file: Path, snapshot: Any) -> Path | None:
     """Called by ``DiffevalBaseline.assert_no_regression``: under ``--snapshot-update`` with
     ``--diffeval-baseline-images``, store thumbnails of the images beside the baseline file."""
-    if not getattr(snapshot, "update_snapshots", False) or not distributed.is_writer():  # torchrun: rank 0 only
+    if not getattr(snapshot, "update_snapshots", False):
         return None
     config = getattr(getattr(getattr(snapshot, "session", None), "pytest_session", None), "config", None)
     if config is None or not baseline_images_enabled(config):
+        return None
+    if hasattr(images, "gather_rows"):  # torchrun: every rank gathers the pixels (a collective), rank 0 writes
+        images.gather()
+    if not distributed.is_writer():
         return None
     return store_baseline_images(images, baseline_file)
 

@@ -68,6 +68,7 @@ class TransformersVQA(VQABackend):
     def _inputs(self, images: np.ndarray, texts: list[str]) -> Any:
         inputs = self.processor(images=[_pil(i) for i in images], text=texts, return_tensors="pt", padding=True,
                                 padding_side="right")  # right: every real token keeps its unpadded position
+        inputs.pop("labels", None)  # PaliGemma's processor adds training labels; scoring needs no loss
         return inputs.to(self.device)
 
     def probabilities(self, images: np.ndarray, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
@@ -93,17 +94,25 @@ class TransformersVQA(VQABackend):
         return out
 
     def _sequence_probability(self, image: np.ndarray, text: str, ids: list[int]) -> float:
-        """The probability of the answer tokens ``ids`` after ``text``, teacher-forced."""
+        """The probability of the answer tokens ``ids`` after ``text``, teacher-forced through
+        ``generate`` (each step restricted to the next answer token, raw logits kept): the model's
+        own generation code extends what each family adds per token (Qwen2.5-VL's
+        ``mm_token_type_ids`` and rope deltas, PaliGemma's ``token_type_ids``), which appending
+        to ``input_ids`` and ``attention_mask`` by hand got wrong."""
         import torch
 
         inputs = self._inputs(image[None], [text])
-        answer = torch.tensor([ids], device=inputs["input_ids"].device)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], 1)
-        logits = self.model(**inputs).logits.float()[0]
-        start = logits.shape[0] - len(ids) - 1
-        log_p = torch.log_softmax(logits[start:start + len(ids)], dim=-1)
-        return float(log_p[torch.arange(len(ids)), answer[0]].double().sum().exp())
+        start = inputs["input_ids"].shape[1]
+
+        def forced(_batch: int, sequence: Any) -> list[int]:
+            return [ids[min(len(sequence) - start, len(ids) - 1)]]
+
+        output = self.model.generate(**inputs, max_new_tokens=len(ids), min_new_tokens=len(ids), do_sample=False,
+                                     num_beams=1, prefix_allowed_tokens_fn=forced, output_logits=True,
+                                     return_dict_in_generate=True)
+        logits = torch.stack(output.logits[:len(ids)], 1)[0].float()
+        log_p = torch.log_softmax(logits, dim=-1)
+        return float(log_p[torch.arange(len(ids)), torch.tensor(ids, device=log_p.device)].double().sum().exp())
 
     def generate(self, images: np.ndarray, prompt: str, max_new_tokens: int = 30) -> list[str]:
         """Greedy free text for each image after ``prompt`` (in the chat template)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,11 +33,23 @@ CHAT = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type']
 PROMPTS = ["a red digit 7 on a blue background", "a green digit 3 on a white background"]
 
 
+def word_level_tokenizer(vocab: dict[str, int], **tokens: Any) -> Any:
+    """A lower-casing word-level fast tokenizer over ``vocab`` (words and punctuation split),
+    with ``<unk>``/``<pad>`` and the special ``tokens`` given: the tiny VLMs' tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Punctuation("isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", **tokens)
+
+
 def build_tiny_llava(folder: Path) -> Path:
     """A random-weight LLaVA (tiny CLIP vision tower, tiny Llama) and LlavaProcessor with a
     word-level tokenizer and a chat template, saved in hub layout.  The text model's weights
     are drawn wide (initializer_range 0.5) so answers get clearly different probabilities."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -44,15 +57,10 @@ def build_tiny_llava(folder: Path) -> Path:
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     vocab = {w: i for i, w in enumerate(WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation("isolated")])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+    fast = word_level_tokenizer(vocab, bos_token="<s>",
                                    eos_token="</s>", padding_side="left",  # the backend must pad right itself
                                    extra_special_tokens={"image_token": "<image>"})
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -76,22 +84,16 @@ def build_tiny_llava(folder: Path) -> Path:
 def build_tiny_idefics3(folder: Path) -> Path:
     """A random-weight Idefics3 (SmolVLM's architecture: SigLIP-style tower, pixel-shuffle
     connector, Llama text model) and Idefics3Processor with the same word-level tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
         Idefics3ImageProcessor,
         Idefics3Processor,
-        PreTrainedTokenizerFast,
     )
 
     special = ["<end_of_utterance>", "<fake_token_around_image>", "<global-img>"]
     vocab = {w: i for i, w in enumerate([*WORDS, *special, "user", "assistant"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation("isolated")])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+    fast = word_level_tokenizer(vocab,
                                    eos_token="<end_of_utterance>", padding_side="left")
     fast.add_special_tokens({"additional_special_tokens": ["<image>", *special]})
     chat = ("{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
@@ -118,21 +120,15 @@ def build_tiny_paligemma(folder: Path) -> Path:
     """A random-weight PaliGemma (SigLIP tower, Gemma text model) and PaliGemmaProcessor with the
     same word-level tokenizer.  It has no chat template: the processor puts the image tokens and
     BOS before the question and a newline after it; its prefix attends bidirectionally."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
         PaliGemmaConfig,
         PaliGemmaForConditionalGeneration,
         PaliGemmaProcessor,
-        PreTrainedTokenizerFast,
         SiglipImageProcessor,
     )
 
     vocab = {w: i for i, w in enumerate([*WORDS, "\n"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation("isolated")])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+    fast = word_level_tokenizer(vocab, bos_token="<s>",
                                    eos_token="</s>", padding_side="left")
     image_processor = SiglipImageProcessor(size={"height": 16, "width": 16})
     image_processor.image_seq_length = 4  # (16 / 8) ** 2 patches

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vqa import WORDS, assert_formula
+from test_vqa import WORDS, assert_formula, word_level_tokenizer
 
 
 def _torchvision() -> None:
@@ -33,9 +33,7 @@ def build_tiny_qwen2_5_vl(folder: Path) -> Path:
     multimodal rope) and Qwen2_5_VLProcessor with the word-level tokenizer and Qwen's chat
     template (``<|im_start|>user ... <|vision_start|><|image_pad|><|vision_end|>``): a 16x16
     image is 4x4 patches of 4 pixels, merged into 4 image tokens."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
-        PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -45,11 +43,7 @@ def build_tiny_qwen2_5_vl(folder: Path) -> Path:
 
     special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     vocab = {w: i for i, w in enumerate([*WORDS, *special, "user", "assistant"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Punctuation("isolated")])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+    fast = word_level_tokenizer(vocab,
                                    eos_token="<|im_end|>", padding_side="left")  # the backend pads right itself
     fast.add_special_tokens({"additional_special_tokens": special})
     chat = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"

@@ -1,5 +1,6 @@
 """One session spread over torch.distributed ranks (torchrun): the pure share/merge/statistics
-functions, the launch detection and the -n refusal, the collectives on two real gloo ranks, a
+functions, the launch detection and the -n refusal, the collectives on two real gloo ranks, the
+metrics of a sharded set (per-sample, VQA, edit, FID/KID/CMMD/drift) against one process's, a
 dead rank named within the timeout, and (marker ``torchrun``, its own .ci/run step) a small
 suite under ``torchrun --nproc_per_node=2`` against a single-process run."""
 
@@ -21,6 +22,8 @@ import pytest
 
 from pytest_diffeval import distributed
 from pytest_diffeval.exceptions import DistributedError
+from pytest_diffeval.generation import ImageSet
+from pytest_diffeval.metrics import get_metric
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -53,6 +56,30 @@ def test_summed_statistics_of_the_blocks_give_the_whole_sets_mean_and_covariance
     mean, covariance = distributed.moments(summed)
     assert np.allclose(mean, features.mean(axis=0), rtol=1e-12, atol=1e-12)
     assert np.allclose(covariance, np.cov(features, rowvar=False), rtol=1e-12, atol=1e-12)
+
+
+def test_preservation_details_of_uneven_blocks_combine_to_the_whole_sets() -> None:
+    """Three blocks of 7 samples (3, 2, 2): the blocks' PSNR/SSIM details (capped count,
+    unmasked share weighted by block size) combine to one computation's on the whole set."""
+    rng = np.random.default_rng(7)
+    sources = rng.integers(0, 256, size=(7, 16, 16, 3), dtype=np.uint8)
+    edited = sources.copy()
+    edited[[1, 4, 5]] = rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)  # the others: capped at 100 dB
+    masks = np.zeros((7, 16, 16), np.uint8)
+    for i in range(7):
+        masks[i, : i + 2, : 3 * i + 1] = 255  # unmasked shares differ per image
+    whole = ImageSet(images=edited, prompts=["p"] * 7, seeds=list(range(7)),
+                     inputs={"source_images": sources, "masks": masks})
+    for name in ("preservation_psnr", "preservation_ssim"):
+        metric = get_metric(name)
+        one = metric.compute(whole)
+        parts = [metric.compute(whole.subset(list(distributed.share(7, rank, 3)))) for rank in range(3)]
+        value, details = metric.combine(np.concatenate([part.per_sample for part in parts]),
+                                        [part.details for part in parts])
+        assert value == one.value and details.keys() == one.details.keys(), name
+        assert math.isclose(details.pop("unmasked_share"), one.details["unmasked_share"], rel_tol=1e-12), name
+        assert details == {k: v for k, v in one.details.items() if k != "unmasked_share"}, name
+    assert get_metric("preservation_psnr").compute(whole).details["capped"] == 4
 
 
 def test_a_launch_is_detected_from_torchruns_variables() -> None:
@@ -238,6 +265,139 @@ def test_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_its_pix
     done = _torchrun("sharded.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SHARDED OK rank 0" in done.stdout and "SHARDED OK rank 1" in done.stdout
+
+
+SHARDED_VQA = """
+import numpy as np
+
+from pytest_diffeval import distributed as d
+from pytest_diffeval.embedded.data import make_images
+from pytest_diffeval.generation import ImageSet, ShardedImageSet
+from pytest_diffeval.metrics import compute_metric
+
+group = d.start(d.detect_launch(), timeout=120)
+pixels, prompts = make_images(9, seed=3, split="heldout")
+prompts[1], prompts[7] = prompts[7], prompts[1]  # two images with another's prompt: failed questions
+seeds = list(range(9))
+whole = ImageSet(images=np.ascontiguousarray(pixels), prompts=prompts, seeds=seeds)
+block = group.share(9)  # 5 + 4 samples
+sharded = ShardedImageSet(local=whole.images[list(block)], block=block, group=group, image_size=whole.image_size,
+                          prompts=prompts, seeds=seeds)
+asked = [prompts[(i + 1) % 9] if i % 4 == 0 else prompts[i] for i in range(9)]  # sliced to the block
+vlm = {"vqa_model": "diffeval/tiny-vlm"}
+worst = {}
+for name, options in [("vqa_score", {**vlm, "prompts": asked}), ("vqa_score", {**vlm, "normalize": "answers"}),
+                      ("tifa", vlm), ("soft_tifa", {**vlm, "mean": "geometric"})]:
+    two = compute_metric(name, sharded, **options)  # the sharded set first: nothing cached can answer it
+    one = compute_metric(name, whole, **options)
+    assert abs(one.value - two.value) <= 1e-6 * abs(one.value), (name, one.value, two.value)
+    assert np.allclose(one.per_sample, two.per_sample, rtol=1e-6, atol=0), (name, one.per_sample, two.per_sample)
+    assert one.backbone == two.backbone and one.details.keys() == two.details.keys(), name
+    assert {k: v for k, v in one.details.items() if k != "answers"} == \\
+        {k: v for k, v in two.details.items() if k != "answers"}, name
+    a, b = one.details["answers"], two.details["answers"]
+    strip = lambda answers: [{**x, "questions": [{k: v for k, v in q.items() if k != "p"} for q in x["questions"]]}
+                             for x in answers]
+    assert strip(a) == strip(b), name  # prompt, seed, questions, passed, blocked_by: per image in sample order
+    diffs = [abs(q1["p"] - q2["p"]) for x, y in zip(a, b) for q1, q2 in zip(x["questions"], y["questions"])]
+    assert max(diffs) <= 1.5e-6, (name, max(diffs))  # rounded to 6 decimals
+    assert any(not q["passed"] for x in a for q in x["questions"]), name  # the details hold failed questions
+    worst[name] = max(worst.get(name, 0.0), abs(one.value - two.value) / abs(one.value),
+                      float(np.max(np.abs(one.per_sample - two.per_sample))), max(diffs))
+assert group.gathered.get("pixels", 0) == 0 and group.gathered["rows"] > 0, group.gathered
+print(f"SHARDED VQA OK rank {group.rank} largest differences {worst}")
+d.stop(group)
+"""
+
+
+def test_vqa_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_its_pixels(tmp_path: Path) -> None:
+    """vqa_score (with per-image ``prompts`` sliced to each block), tifa and soft_tifa on the
+    embedded tiny VLM: each rank asks about its own block; value, per-sample values and details
+    (scorer, per-image answers in sample order) equal one process's on the whole set (float32
+    batches of other composition: within 1e-6), and no pixels travel."""
+    (tmp_path / "sharded_vqa.py").write_text(SHARDED_VQA)
+    done = _torchrun("sharded_vqa.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SHARDED VQA OK rank 0" in done.stdout and "SHARDED VQA OK rank 1" in done.stdout
+
+
+SHARDED_EDIT = """
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pytest_diffeval import distributed as d
+from pytest_diffeval.embedded.data import make_images
+from pytest_diffeval.generation import ImageSet, ShardedImageSet
+from pytest_diffeval.metrics import compute_metric
+from pytest_diffeval.metrics.style import vgg19_features
+
+group = d.start(d.detect_launch(), timeout=120)
+if group.rank == 0:
+    torch.manual_seed(0)
+    save_file(vgg19_features((8, 12, 16, 24, 24)).state_dict(), "vgg.safetensors")
+group.all_gather_json(0, "the weights are written")
+n = 16  # as many samples as the images have rows: one image for all must not be taken for rows of images
+pixels, prompts = make_images(n, seed=5, split="heldout")
+sources, captions = make_images(n, seed=6, split="heldout")
+assert pixels.shape[1:] == (16, 16, 3)
+masks = np.zeros((n, 16, 16), np.uint8)
+for i in range(n):
+    masks[i, i % 12 : i % 12 + 4, 2:9] = 255
+inputs = {"source_images": np.ascontiguousarray(sources), "masks": masks}
+whole = ImageSet(images=np.ascontiguousarray(pixels), prompts=prompts, seeds=list(range(n)), inputs=inputs)
+block = group.share(n)
+sharded = ShardedImageSet(local=whole.images[list(block)], block=block, group=group, image_size=(16, 16),
+                          prompts=prompts, seeds=list(range(n)), inputs=inputs)
+clip = {"clip_model": "diffeval/tiny-clip"}
+vgg = {"vgg_weights": "vgg.safetensors"}
+calls = [("clip_directional_similarity", {**clip, "source_captions": captions, "target_captions": prompts[0]}),
+         ("clip_directional_similarity", {**clip, "source_images": sources[3]}),  # captioned by CLIP, one source
+         ("clip_image_similarity", clip),  # the carried source images
+         ("clip_image_similarity", {**clip, "reference_images": list(sources[::-1])}),
+         ("preservation_psnr", {}), ("preservation_psnr", {"masks": masks[2], "source_images": pixels[0]}),
+         ("preservation_ssim", {}), ("preservation_ssim", {"masks": masks[5] > 0}),
+         ("style_loss", {**vgg, "style_images": sources[1]}), ("style_loss", {**vgg, "style_images": sources})]
+
+
+def largest(a, b, where):
+    # the largest relative difference between two details (JSON-like), structure and texts equal
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        return max([largest(a[k], b[k], where) for k in a], default=0.0)
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        return max([largest(x, y, where) for x, y in zip(a, b)], default=0.0)
+    if isinstance(a, float) and not isinstance(a, bool):
+        return abs(a - b) / max(abs(a), 1e-300)
+    assert a == b, (where, a, b)
+    return 0.0
+
+
+worst = {}
+for name, options in calls:
+    two = compute_metric(name, sharded, **options)
+    one = compute_metric(name, whole, **options)
+    assert one.backbone == two.backbone, name
+    diff = max(abs(one.value - two.value) / abs(one.value), largest(one.details, two.details, name),
+               float(np.max(np.abs(one.per_sample - two.per_sample)) / np.max(np.abs(one.per_sample))))
+    assert diff <= 1e-6, (name, options.keys(), diff, one, two)
+    worst[name] = max(worst.get(name, 0.0), diff)
+assert group.gathered.get("pixels", 0) == 0 and group.gathered["rows"] > 0, group.gathered
+print(f"SHARDED EDIT OK rank {group.rank} largest relative differences {worst}")
+d.stop(group)
+"""
+
+
+def test_edit_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_its_pixels(tmp_path: Path) -> None:
+    """clip_directional_similarity, clip_image_similarity, preservation_psnr/ssim and style_loss:
+    each rank scores its block with its block of the inputs (carried, given one per image, or
+    one for all, also when there are as many samples as rows), and value, per-sample values and
+    details equal one process's on the whole set (within 1e-6 relative), without pixels."""
+    (tmp_path / "sharded_edit.py").write_text(SHARDED_EDIT)
+    done = _torchrun("sharded_edit.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SHARDED EDIT OK rank 0" in done.stdout and "SHARDED EDIT OK rank 1" in done.stdout
 
 
 DEAD_RANK_TEST = """

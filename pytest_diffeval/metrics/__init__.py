@@ -85,6 +85,20 @@ class Metric:
                 prompt for block in details for prompt in block.get("truncated_prompts", [])))
         return float(per_sample.mean()), combined
 
+    def block_options(self, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """The options of this rank's block of a sharded set (``images.block``): each option
+        named in ``per_sample_options`` that holds one entry per image (a list or an array;
+        not a str) sliced to the block, the others as given."""
+        indices = list(images.block)
+
+        def sliced(name: str, value: Any) -> Any:
+            if (name not in self.per_sample_options or value is None or isinstance(value, (str, bytes))
+                    or len(value) != len(images)):
+                return value
+            return value[indices] if isinstance(value, np.ndarray) else [value[i] for i in indices]
+
+        return {name: sliced(name, value) for name, value in options.items()}
+
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """What besides the images and the code determines this call's result: the options
         bound to ``compute``, keyed by content (raises ``Unkeyable`` when one cannot be)."""
@@ -255,10 +269,7 @@ def _per_block(metric: Metric, images: Any, options: dict[str, Any]) -> MetricRe
     on this rank's block, its per-sample values all-gathered in sample order (one process's
     values, up to the float effects of embedding other batches), its details combined."""
     results: list[MetricResult] = []
-    indices = list(images.block)
-    options = {name: [value[i] for i in indices]
-               if name in metric.per_sample_options and value is not None and len(value) == len(images) else value
-               for name, value in options.items()}
+    options = metric.block_options(images, options)
 
     def values(block: Any) -> np.ndarray:
         results.append(metric.compute(block, **options))

@@ -64,6 +64,22 @@ def carried(images: Any, value: Any, *keys: str) -> Any:
     return next((inputs[key] for key in keys if inputs.get(key) is not None), None)
 
 
+def block_images(metric: Metric, images: Any, options: dict[str, Any], *names: str) -> dict[str, Any]:
+    """:meth:`Metric.block_options` for a metric whose options ``names`` hold images in any
+    form :func:`image_array` takes (one per image, or one for all): made ``(N, H, W, 3)``
+    first, so that one image for all is never taken for rows of images, then sliced to the
+    rank's block (one image for all stays one for all)."""
+    full, single = dict(options), {}
+    for name in names:
+        if full.get(name) is not None:
+            array = image_array(full.pop(name), metric=metric.name, option=name, count=len(images))
+            if array.strides[0] == 0:
+                single[name] = np.broadcast_to(array[:1], (len(images.block), *array.shape[1:]))
+            else:
+                full[name] = array
+    return {**Metric.block_options(metric, images, full), **single}
+
+
 def text_list(value: Any, *, metric: str, option: str, count: int) -> list[str]:
     """``value`` (a list of strings, one per image, or one string for all) as a list."""
     if value is None:
@@ -109,6 +125,18 @@ class ClipDirectionalSimilarity(Metric):
     per_sample = True
     absolute_tolerance = 0.01
     cacheable = True
+    sample_wise = True  # under torchrun each rank scores its block (each value: its image, source, captions)
+    per_sample_options = ("source_images", "source_captions", "target_captions")
+
+    def block_options(self, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return block_images(self, images, options, "source_images")
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """The mean, and the details with every block's captions of its source images, in sample order."""
+        value, combined = super().combine(per_sample, details)
+        if "source_captions" in combined:
+            combined["source_captions"] = [c for block in details for c in block.get("source_captions", [])]
+        return value, combined
 
     def compute(self, images: Any, *, source_images: Any = None, source_captions: Any = None,
                 target_captions: Any = None, clip_model: str | None = None, device: str | None = None,
@@ -160,6 +188,16 @@ class ClipImageSimilarity(Metric):
     per_sample = True
     absolute_tolerance = 1.0
     cacheable = True
+    sample_wise = True  # under torchrun each rank scores its block (each value: its image and reference)
+    per_sample_options = ("reference_images",)
+
+    def block_options(self, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return block_images(self, images, options, "reference_images")
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """``max(mean, 0)`` as :meth:`compute`, and the details (the same in every block)."""
+        value, combined = super().combine(per_sample, details)
+        return max(value, 0.0), combined
 
     def compute(self, images: Any, *, reference_images: Any = None, clip_model: str | None = None,
                 device: str | None = None, batch_size: int = 64) -> MetricResult:

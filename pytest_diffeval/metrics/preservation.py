@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from . import Metric, MetricResult
-from .edit import carried, image_array
+from .edit import block_images, carried, image_array
 
 PSNR_CAP_DB = 100.0
 
@@ -77,7 +78,33 @@ def _inputs(metric: str, images: Any, source_images: Any, masks: Any) -> tuple[n
     return images.images, source, mask
 
 
-class PreservationPSNR(Metric):
+class _Preservation(Metric):
+    """What the preservation metrics share under torchrun: each value depends on its image,
+    its source and its mask alone, so each rank scores its block (``metrics._per_block``)."""
+
+    sample_wise = True
+    per_sample_options = ("source_images", "masks")
+
+    def block_options(self, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """The block's source images and masks (one for all, or one per image, as given)."""
+        options = dict(options)
+        if options.get("masks") is not None:  # bool (N, H, W) first: a single mask is no rows of masks
+            options["masks"] = mask_array(options["masks"], metric=self.name, count=len(images),
+                                          size=images.image_size)
+        return block_images(self, images, options, "source_images")
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """The mean, and the details with ``unmasked_share`` over the whole set (the blocks'
+        shares weighted by their sizes: equal to one process's up to float rounding)."""
+        value, combined = super().combine(per_sample, details)
+        # the blocks that hold samples, in rank order: share() over them gives their sizes (empty ones come last)
+        sizes = [len(distributed.share(len(per_sample), rank, len(details))) for rank in range(len(details))]
+        combined["unmasked_share"] = float(sum(d["unmasked_share"] * n for d, n in zip(details, sizes))
+                                           / len(per_sample))
+        return value, combined
+
+
+class PreservationPSNR(_Preservation):
     """PSNR (dB) between the edited and the source image over the pixels outside the mask,
     capped at ``max_psnr`` (100 dB).  Default tolerance: 0.5 dB."""
 
@@ -107,8 +134,14 @@ class PreservationPSNR(Metric):
                             details={"max_psnr": max_psnr, "capped": capped,
                                      "unmasked_share": float((~mask).mean())})
 
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """As :meth:`_Preservation.combine`, with ``capped`` counted over the whole set."""
+        value, combined = super().combine(per_sample, details)
+        combined["capped"] = int(sum(d["capped"] for d in details))
+        return value, combined
 
-class PreservationSSIM(Metric):
+
+class PreservationSSIM(_Preservation):
     """SSIM (torchmetrics map, Gaussian σ=1.5) between the edited image, its masked region
     filled with the source's pixels, and the source, averaged over the unmasked pixels.
     Default tolerance: 0.01."""

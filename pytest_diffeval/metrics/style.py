@@ -28,7 +28,7 @@ from .. import process_cache, settings
 from .._hashing import digest_file
 from . import Metric, MetricResult
 from .aesthetic import load_weights_file
-from .edit import image_array
+from .edit import block_images, image_array
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
     import torch
@@ -142,6 +142,11 @@ class StyleLoss(Metric):
     per_sample = True
     relative_tolerance = 0.10
     cacheable = True
+    sample_wise = True  # under torchrun each rank scores its block (each value: its image and style image)
+    per_sample_options = ("style_images",)
+
+    def block_options(self, images: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return block_images(self, images, options, "style_images")
 
     def compute(self, images: Any, *, style_images: Any = None, vgg_weights: str | Path | None = None,
                 device: str | None = None, batch_size: int = 16) -> MetricResult:

@@ -57,6 +57,17 @@ class _VQAMetric(Metric):
     higher_is_better = True
     per_sample = True
     cacheable = True
+    # Each image's value and answers depend on that image, its prompt and its prompt's questions
+    # alone (the question set of a file or of the embedded prompts is the same for any block):
+    # under torchrun each rank asks about its own block (metrics._per_block).
+    sample_wise = True
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """The mean, and the blocks' details: the scorer and question file (the same in every
+        block) with every block's per-image ``answers`` in sample order (blocks in rank order)."""
+        value, combined = super().combine(per_sample, details)
+        combined["answers"] = [answer for block in details for answer in block.get("answers", [])]
+        return value, combined
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The bound options, the VLM by its content (a backend by its ``id``) and a question
@@ -90,6 +101,7 @@ class VQAScore(_VQAMetric):
 
     name = "vqa_score"
     absolute_tolerance = 0.02
+    per_sample_options = ("prompts",)
 
     def compute(self, images: Any, *, vqa_model: str | VQABackend | None = None, template: str = DEFAULT_TEMPLATE,
                 answers: Sequence[str] = DEFAULT_ANSWERS, normalize: str = "vocabulary",

@@ -257,14 +257,19 @@ d.stop(group)
 """
 
 
+def _on_two_ranks(tmp_path: Path, script: str, marker: str) -> None:
+    """Run ``script`` on 2 gloo ranks; each must print ``<marker> rank <r>`` (its asserts held)."""
+    (tmp_path / "script.py").write_text(script)
+    done = _torchrun("script.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{marker} rank 0" in done.stdout and f"{marker} rank 1" in done.stdout
+
+
 def test_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_its_pixels(tmp_path: Path) -> None:
     """Each rank holds its block of a set's pixels: a per-sample metric's values, FID/KID/CMMD/
     drift (features gathered) and the tripwires equal one process's on the whole set, and no
     pixels travel until code that is not distribution-aware reads ``images``."""
-    (tmp_path / "sharded.py").write_text(SHARDED)
-    done = _torchrun("sharded.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "SHARDED OK rank 0" in done.stdout and "SHARDED OK rank 1" in done.stdout
+    _on_two_ranks(tmp_path, SHARDED, "SHARDED OK")
 
 
 SHARDED_VQA = """
@@ -315,10 +320,7 @@ def test_vqa_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_its
     embedded tiny VLM: each rank asks about its own block; value, per-sample values and details
     (scorer, per-image answers in sample order) equal one process's on the whole set (float32
     batches of other composition: within 1e-6), and no pixels travel."""
-    (tmp_path / "sharded_vqa.py").write_text(SHARDED_VQA)
-    done = _torchrun("sharded_vqa.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "SHARDED VQA OK rank 0" in done.stdout and "SHARDED VQA OK rank 1" in done.stdout
+    _on_two_ranks(tmp_path, SHARDED_VQA, "SHARDED VQA OK")
 
 
 SHARDED_EDIT = """
@@ -394,10 +396,7 @@ def test_edit_metrics_of_a_sharded_set_equal_the_whole_sets_without_gathering_it
     each rank scores its block with its block of the inputs (carried, given one per image, or
     one for all, also when there are as many samples as rows), and value, per-sample values and
     details equal one process's on the whole set (within 1e-6 relative), without pixels."""
-    (tmp_path / "sharded_edit.py").write_text(SHARDED_EDIT)
-    done = _torchrun("sharded_edit.py", cwd=tmp_path, timeout=300, env=_environment(XDG_CACHE_HOME=str(tmp_path)))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "SHARDED EDIT OK rank 0" in done.stdout and "SHARDED EDIT OK rank 1" in done.stdout
+    _on_two_ranks(tmp_path, SHARDED_EDIT, "SHARDED EDIT OK")
 
 
 DEAD_RANK_TEST = """

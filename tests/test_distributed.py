@@ -25,6 +25,10 @@ from pytest_diffeval.exceptions import DistributedError
 from pytest_diffeval.generation import ImageSet
 from pytest_diffeval.metrics import get_metric
 
+# Every torchrun launch of this file on one xdist worker, one after another: two launches at once
+# on the 2-core machine (each 2 ranks) oversubscribe it and race for the standalone free port.
+pytestmark = pytest.mark.xdist_group("torchrun-launches")
+
 # --------------------------------------------------------------------------- pure functions
 
 

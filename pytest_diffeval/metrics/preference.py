@@ -174,11 +174,10 @@ def load_pickscore(model: str, processor: str | None, device: str) -> tuple[Any,
     return process_cache.get_or_load(("pick_score", backbone, device), load)
 
 
-class PickScore(Metric):
-    """PickScore per image: ``logit_scale.exp() * cos(CLIP image embedding, prompt embedding)``
-    (the published ``calc_probs`` before its softmax over images).  Default tolerance 0.2."""
+class _PromptScorer(Metric):
+    """What PickScore and HPS share: one score per image against its prompt (77 CLIP tokens),
+    higher is better, default tolerance 0.2, cached, and spread over torchrun ranks by block."""
 
-    name = "pick_score"
     higher_is_better = True
     per_sample = True
     sample_wise = True  # under torchrun: each rank scores its block
@@ -186,6 +185,13 @@ class PickScore(Metric):
     absolute_tolerance = 0.2
     cacheable = True
     max_tokens = 77
+
+
+class PickScore(_PromptScorer):
+    """PickScore per image: ``logit_scale.exp() * cos(CLIP image embedding, prompt embedding)``
+    (the published ``calc_probs`` before its softmax over images).  Default tolerance 0.2."""
+
+    name = "pick_score"
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The options, and the model and processor by content hash or hub commit."""
@@ -279,18 +285,11 @@ def load_hps(version: str, weights: str | Path | None, architecture: str, device
     return process_cache.get_or_load(("hps", backbone, device), load)
 
 
-class HPSv2(Metric):
+class HPSv2(_PromptScorer):
     """HPS v2 / v2.1 per image: ``100 * cos(image features, prompt features)`` of open_clip
     with the HPS checkpoint (``hps_version=`` "v2.1" by default).  Default tolerance 0.2."""
 
     name = "hps_v2"
-    higher_is_better = True
-    per_sample = True
-    sample_wise = True  # under torchrun: each rank scores its block
-    per_sample_options = ("prompts",)
-    absolute_tolerance = 0.2
-    cacheable = True
-    max_tokens = 77
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The options, and the weights by content hash ("unavailable" when they cannot be

@@ -10,8 +10,9 @@ CPU tensors still travel over gloo) and returns a
 :class:`Group` whose collectives are what the plugin needs: this rank's share of a
 generation's samples (:func:`share`), an all-gather of small arrays (per-sample values and
 features; a set's pixels only when code reads them: ``generation.ShardedImageSet``), an
-all-reduce in float64 of feature sums (Σf, Σfᵀf, n, as EDM2 does for FID) and a broadcast
-of rank 0's decision (JSON, never pickle).
+all-reduce in float64 of feature sums (Σf, Σfᵀf, n, as EDM2 does for FID), a gather to rank 0
+alone (the per-image features only its decision needs) and a broadcast of rank 0's decision
+(JSON, never pickle).
 
 No rank waits forever for one that died or hangs: before each collective every rank marks
 its arrival in the rendezvous store, and a rank that is not there within the timeout
@@ -119,14 +120,19 @@ def xdist_refusal(launch: Launch | None, numprocesses: Any) -> str | None:
             "and keep -n")
 
 
-def share(count: int, rank: int, world_size: int) -> range:
-    """The sample indices rank ``rank`` makes of ``count``: a contiguous block, the first
-    ``count % world_size`` ranks one longer, so the blocks in rank order are 0..count-1."""
+def share(count: int, rank: int, world_size: int, batch: int = 1) -> range:
+    """The sample indices rank ``rank`` makes of ``count``: a contiguous block of whole batches
+    of ``batch`` samples (the batches one process makes, 0..batch-1, batch..2·batch-1, ...), the
+    first ranks one batch longer, so the blocks in rank order are 0..count-1.  Whole batches
+    keep each image's bits: a pipeline's output can change with the other samples in its batch
+    (measured: one pixel level for the embedded model), so no block may cut a batch."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"pytest-diffeval: rank {rank} is outside a world of {world_size}")
-    base, extra = divmod(count, world_size)
+    batch = max(1, int(batch))
+    base, extra = divmod(-(-count // batch), world_size)
     start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+    stop = start + base + (1 if rank < extra else 0)
+    return range(min(start * batch, count), min(stop * batch, count))
 
 
 def merge_shares(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -145,7 +151,8 @@ def merge_shares(parts: Sequence[np.ndarray]) -> np.ndarray:
 def statistics_of(features: np.ndarray) -> dict[str, np.ndarray]:
     """One rank's feature sums in float64: ``sum`` (Σf), ``outer`` (Σfᵀf) and ``n``; summed
     over ranks they give the whole set's mean and covariance (:func:`moments`)."""
-    f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    f = np.asarray(features, dtype=np.float64)
+    f = f.reshape(len(f), int(np.prod(f.shape[1:])))  # not -1: an empty block (0, D) has no size to infer it from
     return {"sum": f.sum(axis=0), "outer": f.T @ f, "n": np.array([float(len(f))])}
 
 
@@ -187,8 +194,8 @@ class Group:
     def world_size(self) -> int:
         return self.launch.world_size
 
-    def share(self, count: int) -> range:
-        return share(count, self.rank, self.world_size)
+    def share(self, count: int, batch: int = 1) -> range:
+        return share(count, self.rank, self.world_size, batch)
 
     # ------------------------------------------------------------------ arrival and errors
 
@@ -240,17 +247,21 @@ class Group:
 
     def all_gather_array(self, array: np.ndarray, what: str = "all-gather", kind: str = "other") -> list[np.ndarray]:
         """Every rank's ``array`` (rank order).  Lengths (first axis) may differ; dtypes and the
-        other axes must not (empty arrays take the others' shape).  The bytes received are
-        counted under ``kind`` in :attr:`gathered`."""
+        other axes must not (empty arrays take the others' shape and dtype).  The bytes received
+        are counted under ``kind`` in :attr:`gathered`."""
         import torch
 
         local = np.ascontiguousarray(array)
-        dtype = np.uint8 if local.dtype == np.bool_ else local.dtype
-        header = np.zeros(9, dtype=np.int64)
+        header = np.zeros(10, dtype=np.int64)
         header[0] = local.ndim
         header[1:1 + local.ndim] = local.shape
+        header[9] = ord(local.dtype.char)
         headers = self._gather_fixed(torch.from_numpy(header), f"{what}: shapes")
         shapes = [tuple(int(v) for v in h[1:1 + int(h[0])]) for h in headers]
+        filled = next((h for h, s in zip(headers, shapes) if s and s[0]), None)
+        if not len(local) and filled is not None:  # an empty block (more ranks than samples) cannot know the dtype
+            local = local.astype(np.dtype(chr(int(filled[9]))))
+        dtype = np.uint8 if local.dtype == np.bool_ else local.dtype
         longest = max(s[0] if s else 0 for s in shapes)
         tail = next((s[1:] for s in shapes if s and s[0]), local.shape[1:])
         padded = np.zeros((longest, *tail), dtype=dtype)
@@ -259,6 +270,27 @@ class Group:
         parts = self._gather_fixed(torch.from_numpy(padded), what)
         self.gathered[kind] = self.gathered.get(kind, 0) + sum(part.nbytes for part in parts)
         return [part[: (s[0] if s else 0)].astype(local.dtype, copy=False) for part, s in zip(parts, shapes)]
+
+    def gather_to_root(self, array: np.ndarray, what: str = "gather to rank 0", kind: str = "other") -> np.ndarray | None:
+        """Every rank's block ``array`` (see :func:`share`) as one array on rank 0, None on the
+        others: for data only rank 0's decision needs (per-image features of a set-level check).
+        Lengths may differ; the bytes rank 0 receives are counted under ``kind``."""
+        import torch
+        import torch.distributed as dist
+
+        local = np.ascontiguousarray(array)
+        lengths = [int(n[0]) for n in self._gather_fixed(torch.tensor([len(local)], dtype=torch.int64),
+                                                      f"{what}: lengths")]
+        padded = np.zeros((max(lengths), *local.shape[1:]), dtype=local.dtype)
+        padded[: len(local)] = local
+        tensor = torch.from_numpy(padded)
+        received = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.rank == 0 else None
+        self._collective(what, dist.gather, tensor, received, 0)
+        if received is None:
+            return None
+        parts = [t.numpy()[:n] for t, n in zip(received, lengths)]
+        self.gathered[kind] = self.gathered.get(kind, 0) + sum(part.nbytes for part in parts)
+        return merge_shares(parts)
 
     def _gather_fixed(self, tensor: Any, what: str) -> list[np.ndarray]:
         import torch
@@ -355,12 +387,12 @@ def _torchmetrics_unsynced() -> Any:
     """Keep torchmetrics from syncing its metrics' states over the process group.
 
     Once a default process group exists, every torchmetrics ``Metric`` all-gathers its states
-    across the ranks in ``compute()``.  Here every rank holds the whole set (see
-    generation/run.py), so that would count each sample once per rank (FID's covariance and
-    KID's subsets changed) and would make a rank that skips a metric hang the others
-    (torchmetrics #2684).  Metrics built while the group is active are told no group exists
-    (``Metric.__init__`` reads ``torchmetrics.metric.jit_distributed_available``); returns
-    what puts it back."""
+    across the ranks in ``compute()``.  Here the plugin fills each rank's states with the whole
+    set's already (FID/drift: all-reduced sums; KID/CMMD: all-gathered features), so that would
+    count each sample once per rank (FID's covariance and KID's subsets changed) and would make a
+    rank that skips a metric hang the others (torchmetrics #2684).  Metrics built while the
+    group is active are told no group exists (``Metric.__init__`` reads
+    ``torchmetrics.metric.jit_distributed_available``); returns what puts it back."""
     try:
         import torchmetrics.metric as tm_metric
     except ImportError:

@@ -139,9 +139,9 @@ def _drift_part(images: Any, options: dict[str, Any]) -> tuple[dict[str, Any], s
         raise SplitError("pytest-diffeval: a split drift check needs baseline_stats= (the statistics file it is "
                          "measured against); fix: pass baseline_stats=<file> to assert_metric(images, 'drift', ...)")
     device = options.get("device") or settings.resolved_device()
-    metric, feature_id, _, own = _features(images, options.get("features") or settings.current().fid_features,
-                                           device, int(options.get("batch_size") or 64))
-    mean, cov = load_statistics(Path(options["baseline_stats"]), feature_id, int(own.shape[1]))
+    metric, feature_id, _, _ = _features(images, options.get("features") or settings.current().fid_features,
+                                         device, int(options.get("batch_size") or 64))
+    mean, cov = load_statistics(Path(options["baseline_stats"]), feature_id, int(metric.real_features_sum.shape[0]))
     sums = {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS}
     return {**sums, "reference_mean": mean, "reference_cov": cov}, feature_id
 

@@ -947,3 +947,53 @@ def test_a_check_raises_at_once_outside_a_test_call_and_in_raise_at_once() -> No
     assert failed_checks_message(kept) == "pytest-diffeval: first"
     assert failed_checks_message(["pytest-diffeval: a", "pytest-diffeval: b"]).splitlines() == [
         "pytest-diffeval: 2 checks of this test failed (every check ran):", "[1] a", "-" * 60, "[2] b"]
+
+
+# --------------------------------------------------------------------------- torchrun: rank 0 decides
+
+
+def test_outcomes_travel_as_json_and_come_back_equal() -> None:
+    from pytest_diffeval.baselines.judge import Corrupt, NoEntry, outcome_from_json, outcome_json
+    from pytest_diffeval.verdicts import Comparison, compare_paired
+
+    paired = compare_paired("clip_score", "tiny", True, {"0|a": 30.0, "1|a": 31.5, "0|b": 29.0},
+                            {"0|a": 31.0, "1|a": 32.0, "0|b": 30.5}, 30.17, 31.17, 0.1)
+    assert isinstance(paired, Comparison) and paired.interval is not None and paired.moved
+    paired.moved[0]["value"] = np.float32(1.5)  # numpy numbers, as metrics leave them
+    paired.discordant = (np.int64(2), 1)
+    for outcome in (paired, Corrupt("b.json", "bad"), NoEntry("cpu-float32", ["cuda-float16"]), ["seed differs"],
+                    None):
+        data = json.loads(json.dumps(outcome_json(outcome)))  # what a broadcast carries
+        back = outcome_from_json(data)
+        assert type(back) is type(outcome) and back == outcome, (outcome, back)
+    assert outcome_from_json(outcome_json(paired)).interval == paired.interval  # a tuple again
+
+
+def test_under_torchrun_every_rank_takes_rank_0s_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 (which holds no per-image features of a set-level check) measured a pass; rank 0
+    decided a regression: rank 1 reports rank 0's comparison, message and error class."""
+    from pytest_diffeval import distributed
+    from pytest_diffeval.baselines import fixture
+    from pytest_diffeval.exceptions import BaselineError
+    from pytest_diffeval.verdicts import compare_values
+
+    decided = compare_values("fid", "clip", False, 30.0, 20.0, 2.0)
+    assert decided.verdict == "regressed"
+    sent: list[object] = []
+
+    class Rank:
+        def __init__(self, rank: int) -> None:
+            self.rank = rank
+
+        def broadcast_json(self, value: object, what: str) -> object:
+            sent.append((self.rank, value, what))
+            return sent[0][1]  # rank 0's, broadcast first
+
+    monkeypatch.setattr(distributed, "current", lambda: Rank(0))
+    zero = fixture.agreed("fid", decided, "fid regressed", AssertionError)
+    monkeypatch.setattr(distributed, "current", lambda: Rank(1))
+    one = fixture.agreed("fid", compare_values("fid", "clip", False, 20.5, 20.0, 2.0), None, BaselineError)
+    assert one == zero == (decided, "fid regressed", AssertionError)
+    assert sent[1][1] is None and sent[1][2] == "agree on the verdict of fid"  # rank 1 sends nothing
+    monkeypatch.setattr(distributed, "current", lambda: None)
+    assert fixture.agreed("fid", None, "no baseline", BaselineError) == (None, "no baseline", BaselineError)

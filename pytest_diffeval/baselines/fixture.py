@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import settings
+from .. import distributed, settings
 from .. import tripwires as wires
 from ..exceptions import BaselineError, BaselineFormatError, SplitError
 from ..hardware import hardware_key
@@ -23,7 +23,17 @@ from ..set_verdicts import recording_details
 from ..verdicts import Comparison
 from .extension import DiffevalBaselineExtension
 from .files import folder_refusal, read_baseline_file, refuse_newer_message
-from .judge import Corrupt, NoEntry, _node_for_cli, judge_check, regression_message, replaced_model, update_verdict
+from .judge import (
+    Corrupt,
+    NoEntry,
+    _node_for_cli,
+    judge_check,
+    outcome_from_json,
+    outcome_json,
+    regression_message,
+    replaced_model,
+    update_verdict,
+)
 from .records import BaselineCheck, build_record
 from .sidecars import statistics_file_for
 from .tolerance import calibrate, resolve_tolerances
@@ -67,7 +77,7 @@ class DiffevalBaseline:
             wires.check(images)
         outcomes, failures, error = [], [], AssertionError
         for name in metrics:
-            outcome, message, error_class = self._check(images, name, tolerances[name], metric_options)
+            outcome, message, error_class = agreed(name, *self._check(images, name, tolerances[name], metric_options))
             outcomes.append(outcome)
             if message:
                 failures.append(message)
@@ -185,6 +195,23 @@ class DiffevalBaseline:
                 AssertionError
         record_check(self.test_id, result, images, verdict=verdict, baseline_file=str(location))
         return None, message, BaselineError
+
+
+_ERRORS = {kind.__name__: kind for kind in (AssertionError, BaselineError)}
+
+
+def agreed(metric: str, outcome: Any, message: str | None,
+           error_class: type[Exception]) -> tuple[Any, str | None, type[Exception]]:
+    """One check's ``(comparison, failure message, error class)``; under torchrun rank 0's on
+    every rank.  Rank 0 decides: it alone holds a set-level check's per-image features for the
+    paired verdict, and it alone wrote (or failed to write) the baseline; every rank then runs
+    the same code after the check (the same failures, images gathered for the same report)."""
+    group = distributed.current()
+    if group is None:
+        return outcome, message, error_class
+    mine = [outcome_json(outcome), message, error_class.__name__] if group.rank == 0 else None
+    decided, message, name = group.broadcast_json(mine, f"agree on the verdict of {metric}")
+    return outcome_from_json(decided), message, _ERRORS[name]
 
 
 def assert_check(snapshot: Any, metric: str, check: BaselineCheck) -> tuple[bool, Any, Any]:

@@ -1,9 +1,12 @@
 """Judging a check against its stored entry: the outcomes (a Comparison, Corrupt, NoEntry or
 signature differences), the verdict under ``--snapshot-update`` and the regression message.
-Pure functions of the record, the stored data and the tolerance."""
+Pure functions of the record, the stored data and the tolerance; outcomes travel as JSON
+(:func:`outcome_json`: under torchrun rank 0's are broadcast)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +126,30 @@ def judge_check(check: BaselineCheck, recalled: Any) -> Any:
                      Path(recalled.path) if isinstance(recalled, StoredCheck) and recalled.path else None)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
         return Corrupt("", f"its entry cannot be compared ({type(exc).__name__}: {exc})")
+
+
+_OUTCOMES = {cls.__name__: cls for cls in (Comparison, Corrupt, NoEntry)}
+
+
+def outcome_json(outcome: Any) -> Any:
+    """An outcome of :func:`judge` as JSON (numpy numbers as Python's): under torchrun rank 0
+    broadcasts its outcomes (``fixture``)."""
+    if outcome is None or isinstance(outcome, list):
+        data: Any = outcome
+    else:
+        data = {"type": type(outcome).__name__, "fields": dataclasses.asdict(outcome)}
+    return json.loads(json.dumps(data, default=lambda value: value.item() if hasattr(value, "item") else repr(value)))
+
+
+def outcome_from_json(data: Any) -> Any:
+    """The outcome :func:`outcome_json` describes."""
+    if data is None or isinstance(data, list):
+        return data
+    fields = dict(data["fields"])
+    for name in ("interval", "discordant"):  # tuples in a Comparison, lists in JSON
+        if isinstance(fields.get(name), list):
+            fields[name] = tuple(fields[name])
+    return _OUTCOMES[data["type"]](**fields)
 
 
 def update_verdict(matched: bool, outcome: Any, execution: Any) -> str:

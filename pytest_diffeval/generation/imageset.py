@@ -202,6 +202,17 @@ class ShardedImageSet(ImageSet):
         self._whole: np.ndarray | None = None
         super().__init__(images=None, **fields)  # type: ignore[arg-type]  # the pixels stay on their ranks
 
+    @classmethod
+    def from_whole(cls, images: ImageSet, group: Any) -> ShardedImageSet:
+        """This rank's view of a set every rank holds whole (its block of ``group.share``), for
+        code that has the whole set everywhere (a reference set, tests) and wants its metrics
+        computed on the blocks."""
+        block = group.share(len(images))
+        return cls(local=images.images[list(block)], block=block, group=group, image_size=images.image_size,
+                   prompts=list(images.prompts), seeds=list(images.seeds), call_kwargs=dict(images.call_kwargs),
+                   provenance=dict(images.provenance), test_id=images.test_id, nonfinite=images.nonfinite,
+                   inputs=dict(images.inputs))
+
     def __post_init__(self) -> None:
         if not (len(self.prompts) == len(self.seeds)) or len(self.local) != len(self.block):
             raise ValueError(f"ShardedImageSet: {len(self.prompts)} prompts, {len(self.seeds)} seeds, block "
@@ -246,10 +257,34 @@ class ShardedImageSet(ImageSet):
             inputs={k: v[indices] if isinstance(v, np.ndarray) else [v[i] for i in indices]
                     for k, v in self.inputs.items()})
 
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        """The samples ``indices`` (increasing: e.g. one class of ``by_prompt``) as a sharded set
+        whose blocks are each rank's own samples among them, so per-class metrics stay spread;
+        other orders get the gathered whole set's subset."""
+        indices = [int(i) for i in indices]
+        if any(b <= a for a, b in zip(indices, indices[1:])):
+            return self.whole_set().subset(indices)
+        mine = [i for i in indices if i in self.block]
+        start = sum(i < self.block.start for i in indices)  # the samples of earlier ranks come first
+        return ShardedImageSet(
+            local=self.local[[i - self.block.start for i in mine]], block=range(start, start + len(mine)),
+            group=self.group, image_size=self._size, prompts=[self.prompts[i] for i in indices],
+            seeds=[self.seeds[i] for i in indices], call_kwargs=dict(self.call_kwargs),
+            provenance=dict(self.provenance), test_id=self.test_id,
+            nonfinite=[self.nonfinite[i] for i in indices] if self.nonfinite is not None else None,
+            inputs={k: v[indices] if isinstance(v, np.ndarray) else [v[i] for i in indices]
+                    for k, v in self.inputs.items()})
+
     def gather_rows(self, compute: Callable[[ImageSet], Any], what: str) -> np.ndarray:
         """``compute`` (one row per sample: per-sample values, features) run on this rank's
-        block, gathered into the whole set's rows in sample order on every rank.  When it
-        raises on one rank every rank raises (none is left waiting at the gather)."""
+        block, gathered into the whole set's rows in sample order on every rank (see
+        :meth:`block_rows`)."""
+        return merge_shares(self.group.all_gather_array(self.block_rows(compute, what), what, kind="rows"))
+
+    def block_rows(self, compute: Callable[[ImageSet], Any], what: str) -> np.ndarray:
+        """``compute`` (one row per sample) run on this rank's block: its rows, as an array (an
+        empty block: no rows).  When it raises on one rank every rank raises (none is left
+        waiting at the collective that follows)."""
         rows, error = np.zeros((0,), dtype=np.float64), None
         if len(self.block):
             try:
@@ -266,7 +301,7 @@ class ShardedImageSet(ImageSet):
             rank, message = failed[0]
             raise DistributedError(f"pytest-diffeval: rank {rank} failed to {what}: {message}; fix: read that "
                                    "rank's output for the traceback")
-        return merge_shares(self.group.all_gather_array(rows, what, kind="rows"))
+        return rows
 
     def map_samples(self, function: Callable[[np.ndarray], Any], what: str = "map samples") -> list[Any]:
         """``function`` of each sample's pixels (JSON-serialisable), for the whole set in sample

@@ -43,6 +43,8 @@ from ..fingerprints import resolve_model_dir
 from .result import MetricResult  # noqa: F401 - re-exported
 from .result_cache import bound_options, reemit, result_cache, warning_records
 
+BLOCK_SAMPLES = "block_samples"  # under torchrun: a block's number of samples, in the details combine() gets
+
 
 class Metric:
     """Base of every metric.  Subclasses set the class attributes and implement ``compute``.
@@ -71,14 +73,19 @@ class Metric:
     # features, gathered).  Other metrics get the whole set's pixels, gathered, under torchrun.
     reads_blocks: bool = False
     per_sample_options: tuple[str, ...] = ()  # options holding one entry per image: sliced to the block
+    # True: under torchrun the result's per-image ``state`` is on rank 0 alone (FID, drift: the
+    # feature sums are all-reduced, the features gathered to rank 0, which decides); the other
+    # ranks' results carry rank 0's value and details and no state (cached under their own key).
+    state_on_root: bool = False
 
     def compute(self, images: Any, **options: Any) -> MetricResult:
         raise NotImplementedError
 
     def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
         """A sample-wise metric's value and details for the whole set, from its per-sample
-        values and each rank's block's details (rank order): the mean, and rank 0's details
-        with the ``truncated_prompts`` of every block."""
+        values and each rank's block's details (rank order; each with its number of samples
+        under :data:`BLOCK_SAMPLES`): the mean, and rank 0's details with the
+        ``truncated_prompts`` of every block."""
         combined = dict(details[0]) if details else {}
         if "truncated_prompts" in combined:
             combined["truncated_prompts"] = list(dict.fromkeys(
@@ -278,10 +285,12 @@ def _per_block(metric: Metric, images: Any, options: dict[str, Any]) -> MetricRe
     per_sample = images.gather_rows(values, f"gather the per-sample values of {metric.name}")
     mine = results[0] if results else None  # None: more ranks than samples left this one none
     parts = images.group.all_gather_json(
-        None if mine is None else [mine.backbone, json.loads(json.dumps(mine.details, default=repr))],
+        None if mine is None else [mine.backbone, json.loads(json.dumps(mine.details, default=repr)), len(images.block)],
         f"gather the details of {metric.name}")
     backbone = next(part[0] for part in parts if part is not None)
-    value, details = metric.combine(per_sample, [part[1] for part in parts if part is not None])
+    value, details = metric.combine(per_sample, [{**part[1], BLOCK_SAMPLES: part[2]} for part in parts
+                                                 if part is not None])
+    details.pop(BLOCK_SAMPLES, None)
     return MetricResult(metric.name, value, backbone, metric.higher_is_better, per_sample=per_sample,
                         details=details, state=None if mine is None else mine.state)
 
@@ -364,6 +373,6 @@ def _where_nonfinite(images: Any, result: MetricResult, per_sample: np.ndarray |
     return where
 
 
-__all__ = ["DiffevalInputError", "FunctionMetric", "Metric", "MetricError", "MetricInputError", "MetricResult",
+__all__ = ["BLOCK_SAMPLES", "DiffevalInputError", "FunctionMetric", "Metric", "MetricError", "MetricInputError", "MetricResult",
            "MissingDependencyError", "NonFiniteMetricError", "UnknownMetricError", "check_finite", "compute_metric",
            "get_metric", "metric_error", "register_metric"]

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import settings
+from .. import distributed, settings
 from .._hashing import digest_file
 from ..resampling import split_halves
 from . import Metric, MetricResult
-from .fid import _feature_extractor, set_feature_precision, update_capturing_features
+from .fid import _feature_extractor, one_process_sums, set_feature_precision, update_capturing_features
 from .statistics_files import DRIFT_WRITER, STAT_KEYS, features_state, read_statistics, write_statistics
 
 if TYPE_CHECKING:  # imported where used: a cached result needs no torch
@@ -94,6 +94,7 @@ class Drift(Metric):
     higher_is_better = False
     per_sample = False
     reads_blocks = True
+    state_on_root = True
     keeps_state = True
     cacheable = True
 
@@ -104,19 +105,34 @@ class Drift(Metric):
         device = device or settings.resolved_device()
         metric, feature_id, preprocessing, own = _features(images, features or settings.current().fid_features,
                                                            device, batch_size)
-        state = {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS}
-        details: dict[str, Any] = {"n": len(images), "num_features": int(own.shape[1]),
-                                   "preprocessing": preprocessing, "seed_noise": seed_noise(own, images.sample_keys)}
+        sharded = hasattr(images, "gather_rows")  # torchrun: sums all-reduced, the features on rank 0 only
+        dims = int(metric.real_features_sum.shape[0])
+        details: dict[str, Any] = {"n": len(images), "num_features": dims, "preprocessing": preprocessing}
+        if own is not None:
+            details["seed_noise"] = seed_noise(own, images.sample_keys)
         value = 0.0
         if baseline_stats is not None:
-            mean, cov = load_statistics(Path(baseline_stats), feature_id, int(own.shape[1]))
-            value = float(_compute_fid(mean, cov, own.mean(0), torch.cov(own.T)))
+            mean, cov = load_statistics(Path(baseline_stats), feature_id, dims)
+            if sharded:  # the mean and covariance of the all-reduced sums
+                own_mean, own_cov = (torch.from_numpy(m) for m in distributed.moments({
+                    "sum": metric.real_features_sum.double().cpu().numpy(),
+                    "outer": metric.real_features_cov_sum.double().cpu().numpy(),
+                    "n": np.array([float(metric.real_features_num_samples)])}))
+            else:
+                own_mean, own_cov = own.mean(0), torch.cov(own.T)
+            value = float(_compute_fid(mean, cov, own_mean, own_cov))
             if -1e-3 < value < 0:  # float error on (near-)identical sets
                 value = 0.0
             details["statistics_sha256"] = file_sha256(Path(baseline_stats))
-        return MetricResult(self.name, value, feature_id, False, details=details,
-                            state=features_state(own, images.sample_keys, feature_id, tensors=state,
-                                                 metadata={"preprocessing": preprocessing}, writer=DRIFT_WRITER))
+        state = None
+        if own is not None:  # the statistics file: summed as one process sums (the same bytes under torchrun)
+            tensors = (one_process_sums(own, batch_size, metric.real_features_num_samples.dtype) if sharded
+                       else {k: getattr(metric, k).detach().cpu() for k in STAT_KEYS})
+            state = features_state(own, images.sample_keys, feature_id, tensors=tensors,
+                                   metadata={"preprocessing": preprocessing}, writer=DRIFT_WRITER)
+        if sharded:  # rank 0's value and details on every rank, to the last bit
+            value, details = images.group.broadcast_json([value, details], "broadcast rank 0's drift")
+        return MetricResult(self.name, value, feature_id, False, details=details, state=state)
 
 
 def load_statistics(path: Path, feature_id: str, dims: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

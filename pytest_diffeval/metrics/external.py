@@ -340,16 +340,25 @@ def _values(name: str, scorer: ExternalScorer, images: Any, reply: dict[str, Any
 
 class ExternalMetric(Metric):
     """A per-sample metric computed by a scorer in another environment (the mean is the
-    value); cacheable, keyed by the environment, the scorer, its weights and the options."""
+    value); cacheable, keyed by the environment, the scorer, its weights and the options.
+
+    Under torchrun each rank's child scores that rank's block of the set (its images, prompts,
+    seeds and the call options named in ``per_sample_options``, sliced) and the values are
+    gathered, unless ``sample_wise=False`` (a scorer whose values depend on the other images
+    of the set: it then gets the whole set, its pixels gathered)."""
 
     per_sample = True
     cacheable = True
 
     def __init__(self, name: str, scorer: ExternalScorer, *, higher_is_better: bool = True,
-                 absolute_tolerance: float = 0.0, relative_tolerance: float = 0.0, binary: bool | None = None) -> None:
+                 absolute_tolerance: float = 0.0, relative_tolerance: float = 0.0, binary: bool | None = None,
+                 sample_wise: bool = True, per_sample_options: Sequence[str] = ()) -> None:
         self.name, self.scorer = name, scorer
         self.higher_is_better, self.binary = higher_is_better, binary
         self.absolute_tolerance, self.relative_tolerance = absolute_tolerance, relative_tolerance
+        self.sample_wise = sample_wise
+        self.per_sample_options = ((per_sample_options,) if isinstance(per_sample_options, str)
+                                   else tuple(per_sample_options))
 
     def environment(self) -> Environment:
         return describe(self.name, self.scorer)
@@ -380,10 +389,13 @@ def register_external_metric(name: str, *, python: str | os.PathLike[str], modul
                              options: Mapping[str, Any] | None = None, weights: str | os.PathLike[str] | None = None,
                              pythonpath: Sequence[str | os.PathLike[str]] = (), command: Sequence[str] | None = None,
                              absolute_tolerance: float = 0.0, relative_tolerance: float = 0.0,
-                             binary: bool | None = None) -> ExternalMetric:
+                             binary: bool | None = None, sample_wise: bool = True,
+                             per_sample_options: Sequence[str] = ()) -> ExternalMetric:
     """Register ``name`` as a metric computed by ``module`` (``module[:function]`` or
     ``file.py[:function]``) under the interpreter ``python``; see :class:`ExternalScorer`.
-    Nothing runs until the metric is first computed."""
+    Nothing runs until the metric is first computed.  Under torchrun each rank scores its
+    block (``per_sample_options``: call options holding one entry per image, sliced with it);
+    ``sample_wise=False`` for a scorer whose values depend on the whole set."""
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise MetricInputError(f"pytest-diffeval: external metric {name!r}: timeout={timeout!r} is not a positive "
                                "number of seconds; fix: e.g. timeout=600")
@@ -393,7 +405,8 @@ def register_external_metric(name: str, *, python: str | os.PathLike[str], modul
                             command=tuple(command) if command else None)
     sent_options(name, scorer, {})  # options that cannot be sent fail here, at registration
     metric = ExternalMetric(name, scorer, higher_is_better=higher_is_better, absolute_tolerance=absolute_tolerance,
-                            relative_tolerance=relative_tolerance, binary=binary)
+                            relative_tolerance=relative_tolerance, binary=binary, sample_wise=sample_wise,
+                            per_sample_options=per_sample_options)
     register_metric(metric)
     return metric
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .. import settings
+from .. import distributed, settings
 from .._hashing import digest_array, digest_files, digest_text
 from ..exceptions import ReferenceSetError  # noqa: F401 - re-exported
 from ..fingerprints import file_fingerprint
@@ -227,11 +227,8 @@ def _update_from_arrays(metric: FrechetInceptionDistance, arrays: Iterator[np.nd
     return count
 
 
-def block_features(extractor: Any, images: Any, device: str, batch_size: int, what: str) -> torch.Tensor:
-    """The per-image features (rows, sample order, CPU) of a
-    :class:`~pytest_diffeval.generation.ShardedImageSet`'s whole set: each rank runs
-    ``extractor`` on its own block of images, in batches, and the rows are all-gathered (a few
-    KB per image instead of its pixels)."""
+def _extracting(extractor: Any, device: str, batch_size: int) -> Any:
+    """A function of an image block giving its per-image features (rows, CPU), in batches."""
     import torch
 
     def extract(block: Any) -> torch.Tensor:
@@ -242,34 +239,69 @@ def block_features(extractor: Any, images: Any, device: str, batch_size: int, wh
                 rows.append(extractor(batch).detach().cpu())
         return torch.cat(rows)
 
-    return torch.from_numpy(images.gather_rows(extract, what))
+    return extract
 
 
-def _accumulate(metric: Any, features: torch.Tensor, real: bool, batch_size: int) -> None:
-    """Add ``features`` to ``metric``'s Σf, Σfᵀf and n as torchmetrics' ``update`` does, in
-    the batches one process streaming the whole set makes, so the sums are the same."""
-    side = "real" if real else "fake"
-    total, outer, count = (getattr(metric, f"{side}_features_{name}") for name in ("sum", "cov_sum", "num_samples"))
+def block_features(extractor: Any, images: Any, device: str, batch_size: int, what: str) -> torch.Tensor:
+    """The per-image features (rows, sample order, CPU) of a
+    :class:`~pytest_diffeval.generation.ShardedImageSet`'s whole set: each rank runs
+    ``extractor`` on its own block of images, in batches, and the rows are all-gathered (a few
+    KB per image instead of its pixels).  KID and CMMD need them all on every rank."""
+    import torch
+
+    return torch.from_numpy(images.gather_rows(_extracting(extractor, device, batch_size), what))
+
+
+def one_process_sums(features: torch.Tensor, batch_size: int, count_dtype: Any) -> dict[str, torch.Tensor]:
+    """Σf, Σfᵀf and n (of ``count_dtype``, the metric's) of ``features`` (float64) under the
+    names of :data:`STAT_KEYS`, summed as torchmetrics' ``update`` sums one process's stream of
+    batches of ``batch_size``: the same bytes, so a statistics file written under torchrun is
+    the file one process writes."""
+    import torch
+
+    dims = features.shape[1]
+    total, outer = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dims, dtype=torch.float64)
     for start in range(0, len(features), batch_size):
-        chunk = features[start:start + batch_size].double().to(total.device)
+        chunk = features[start:start + batch_size].double()
         total += chunk.sum(dim=0)
         outer += chunk.t().mm(chunk)
-        count += len(chunk)
+    return dict(zip(STAT_KEYS, (total, outer, torch.tensor(len(features), dtype=count_dtype))))
+
+
+def summed_features(metric: Any, images: Any, real: bool, device: str, batch_size: int) -> torch.Tensor | None:
+    """Stream a :class:`~pytest_diffeval.generation.ShardedImageSet` into ``metric``'s real or
+    fake side the way EDM2 computes one FID across GPUs: each rank extracts its block's
+    features, and their Σf, Σfᵀf and n are all-reduced in float64 (D² numbers per rank, whatever
+    the set's size).  The per-image rows go to rank 0 only, which alone needs them (paired
+    verdicts, spread, seed noise: rank 0 decides and broadcasts).  Returns them (float64, CPU)
+    on rank 0, None on the other ranks."""
+    import torch
+
+    dims = int(metric.real_features_sum.shape[0])
+    local = images.block_rows(_extracting(metric.inception, device, batch_size),
+                              f"extract the features of {len(images)} images")
+    local = np.asarray(local, dtype=np.float64).reshape(-1, dims)
+    sums = images.group.all_reduce_sums(distributed.statistics_of(local),
+                                        f"all-reduce the feature sums of {len(images)} images")
+    side = "real" if real else "fake"
+    total, outer, count = (getattr(metric, f"{side}_features_{name}") for name in ("sum", "cov_sum", "num_samples"))
+    total.copy_(torch.from_numpy(sums["sum"]).to(total.device, total.dtype))
+    outer.copy_(torch.from_numpy(sums["outer"]).to(outer.device, outer.dtype))
+    count.fill_(int(sums["n"][0]))
     metric._update_count += 1  # torchmetrics' own count of updates: compute() warns when it is 0
+    rows = images.group.gather_to_root(local, f"gather the features of {len(images)} images to rank 0", kind="rows")
+    return None if rows is None else torch.from_numpy(rows)
 
 
 def update_capturing_features(metric: Any, images: Any, real: bool, device: str, batch_size: int) -> Any:
     """Stream ``images`` into ``metric`` (its real or fake side) and return their per-image
     features (float64, CPU), which the bootstrap spread and drift's seed noise resample.
-    Under torchrun (a sharded set) each rank extracts its block's features and the whole
-    set's are gathered (:func:`block_features`)."""
+    Under torchrun (a sharded set) the feature sums are all-reduced and the features reach
+    rank 0 only; the other ranks get None (:func:`summed_features`)."""
     import torch
 
     if hasattr(images, "gather_rows"):
-        features = block_features(metric.inception, images, device, batch_size,
-                                  f"gather the features of {len(images)} images").double()
-        _accumulate(metric, features, real, batch_size)
-        return features
+        return summed_features(metric, images, real, device, batch_size)
     captured: list[torch.Tensor] = []
     hook = metric.inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double().cpu()))
     try:
@@ -358,6 +390,7 @@ class FID(Metric):
     higher_is_better = False
     per_sample = False
     reads_blocks = True
+    state_on_root = True
     relative_tolerance = 0.10
     cacheable = True
 
@@ -385,7 +418,7 @@ class FID(Metric):
             value = 0.0
         details = {"n": len(images), "n_reference": source["n"], "num_features": num_features,
                    "preprocessing": preprocessing, "reference": source}
-        if num_features <= BOOTSTRAP_MAX_FEATURES:
+        if num_features <= BOOTSTRAP_MAX_FEATURES and fake is not None:
             details["spread"] = bootstrap_spread(metric, fake, images.sample_keys)
         small = [side for side, count in (("generated", len(images)), ("reference", source["n"]))
                  if count <= num_features]  # either side's covariance below full rank biases the distance
@@ -396,7 +429,11 @@ class FID(Metric):
                 "only at equal N, or use KID or CMMD for small sets"
             )
             warnings.warn("pytest-diffeval: " + details["warning"], UserWarning, stacklevel=3)
-        mean_real, cov_real = real_moments(metric)
-        state = features_state(fake, images.sample_keys, feature_id, {"mean": mean_real, "cov": cov_real},
-                               metadata={"preprocessing": preprocessing})
+        state = None
+        if fake is not None:  # under torchrun: rank 0 alone holds the per-image features
+            mean_real, cov_real = real_moments(metric)
+            state = features_state(fake, images.sample_keys, feature_id, {"mean": mean_real, "cov": cov_real},
+                                   metadata={"preprocessing": preprocessing})
+        if hasattr(images, "gather_rows"):  # rank 0's value and details on every rank, to the last bit
+            value, details = images.group.broadcast_json([value, details], "broadcast rank 0's FID")
         return MetricResult(self.name, value, feature_id, False, details=details, state=state)

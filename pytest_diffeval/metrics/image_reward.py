@@ -82,6 +82,17 @@ class ImageReward(Metric):
     per_sample = True
     absolute_tolerance = 0.05
     cacheable = True
+    sample_wise = True  # under torchrun each rank scores its block (each reward: its image and prompt)
+    per_sample_options = ("prompts",)
+
+    def combine(self, per_sample: np.ndarray, details: list[dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+        """The mean, and rank 0's details (route, scoring environment) with the long prompts of
+        every block in sample order; None (not counted) when a block had no tokenizer to count."""
+        combined = dict(details[0]) if details else {}
+        blocks = [block.get("truncated_prompts") for block in details]
+        combined["truncated_prompts"] = (None if any(block is None for block in blocks)
+                                         else list(dict.fromkeys(p for block in blocks for p in block)))
+        return float(per_sample.mean()), combined
 
     @staticmethod
     def files(weights: str | Path | None, med_config: str | Path | None) -> tuple[Path, Path]:

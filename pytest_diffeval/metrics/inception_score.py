@@ -12,6 +12,11 @@ are not comparable):
   10 digit logits, e.g. ``"checker:diffeval/tiny-checker"`` (offline, CPU, 16x16 digits);
 * an ``nn.Module`` mapping uint8 ``(N, 3, H, W)`` images to ``(N, classes)`` logits (its
   ``id`` attribute, else its class name, is the backbone).
+
+Under torchrun each rank classifies its own block of a
+:class:`~pytest_diffeval.generation.ShardedImageSet` and the logits are gathered (a few KB
+per image, never the pixels); the score is then computed from the whole set's logits in
+sample order exactly as one process computes it.
 """
 
 from __future__ import annotations
@@ -136,6 +141,7 @@ class InceptionScore(Metric):
     per_sample = False
     relative_tolerance = 0.05
     cacheable = True
+    reads_blocks = True  # under torchrun: each rank's logits, gathered (logits_of)
 
     def cache_material(self, images: Any, options: dict[str, Any]) -> Any:
         """The options, with the classifier keyed by its content (an nn.Module: not cached)."""
@@ -160,14 +166,11 @@ class InceptionScore(Metric):
         with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point
             warnings.filterwarnings("ignore", message=".*save all extracted features.*")
             metric = TorchInceptionScore(feature=module, splits=splits, normalize=False).to(device)
-        tensor = images.as_tensor(device)
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                metric.update(tensor[start : start + batch_size])
-        metric.features = [torch.cat(metric.features).double()]  # the softmax in float64
-        logits = metric.features[0].cpu()
+        logits = logits_of(module, images, device, batch_size)
+        metric.features = [logits.to(device)]  # as ``update`` collects them; the softmax in float64
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # the std of one split
+            warnings.filterwarnings("ignore", message=".*called before the ``update`` method.*")  # logits_of did it
             torch.manual_seed(SEED)
             mean, std = metric.compute()
         generator = torch.Generator().manual_seed(SEED)
@@ -178,6 +181,25 @@ class InceptionScore(Metric):
         if splits > 1:
             details["split_std"] = float(std)
         return MetricResult(self.name, float(mean), backbone, True, details=details)
+
+
+def logits_of(module: Any, images: Any, device: str, batch_size: int) -> torch.Tensor:
+    """The classifier's logits (float64, CPU, one row per image in sample order) of an
+    ImageSet, in batches of ``batch_size``; under torchrun (a ShardedImageSet) each rank
+    classifies its own block and the rows are all-gathered, so no pixels travel."""
+    import torch
+
+    def classify(block: Any) -> torch.Tensor:
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(block), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(block.images[start:start + batch_size]))
+                rows.append(module(batch.permute(0, 3, 1, 2).contiguous().to(device)).detach().double().cpu())
+        return torch.cat(rows)
+
+    if hasattr(images, "gather_rows"):
+        return torch.from_numpy(images.gather_rows(classify, "gather the inception_score logits"))
+    return classify(images)
 
 
 def _classifier_identity(classifier: Any) -> Any:
@@ -191,4 +213,4 @@ def _classifier_identity(classifier: Any) -> Any:
     return classifier
 
 
-__all__ = ["DEFAULT_CLASSIFIER", "InceptionScore", "classifier_module", "inception_score_of"]
+__all__ = ["DEFAULT_CLASSIFIER", "InceptionScore", "classifier_module", "inception_score_of", "logits_of"]

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import distributed
-from . import Metric, MetricResult
+from . import BLOCK_SAMPLES, Metric, MetricResult
 from .edit import block_images, carried, image_array
 
 PSNR_CAP_DB = 100.0
@@ -97,9 +96,7 @@ class _Preservation(Metric):
         """The mean, and the details with ``unmasked_share`` over the whole set (the blocks'
         shares weighted by their sizes: equal to one process's up to float rounding)."""
         value, combined = super().combine(per_sample, details)
-        # the blocks that hold samples, in rank order: share() over them gives their sizes (empty ones come last)
-        sizes = [len(distributed.share(len(per_sample), rank, len(details))) for rank in range(len(details))]
-        combined["unmasked_share"] = float(sum(d["unmasked_share"] * n for d, n in zip(details, sizes))
+        combined["unmasked_share"] = float(sum(d["unmasked_share"] * d[BLOCK_SAMPLES] for d in details)
                                            / len(per_sample))
         return value, combined
 

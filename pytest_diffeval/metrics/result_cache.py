@@ -83,7 +83,8 @@ def code_digest(metric: Any) -> str:
 
 
 def _is_image_set(value: Any) -> bool:
-    return hasattr(value, "images") and hasattr(value, "sample_keys")
+    # a ShardedImageSet first: reading its ``images`` would gather the whole set's pixels
+    return hasattr(value, "sample_keys") and (hasattr(value, "gather_rows") or hasattr(value, "images"))
 
 
 def image_set_digest(images: Any) -> str:
@@ -277,6 +278,8 @@ class ResultCache:
         try:
             material = {"format": FORMAT, "versions": library_versions(), "images": image_set_digest(images),
                         **call_material(metric, images, options)}
+            if getattr(metric, "state_on_root", False) and hasattr(images, "group") and images.group.rank != 0:
+                material["state"] = "on rank 0"  # this rank's result lacks the per-image state: never served as whole
             text = json.dumps(material, sort_keys=True)
         except Unkeyable:
             return None

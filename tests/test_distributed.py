@@ -1107,10 +1107,8 @@ group.all_gather_json(0, "the weights are written")
 settings.configure(cache_dir=Path("cache").resolve(), result_cache=True)
 n = 9
 pixels, prompts = make_images(n, seed=4, split="heldout")
-seeds = list(range(n))
-whole = ImageSet(images=np.ascontiguousarray(pixels), prompts=prompts, seeds=seeds)
-block = group.share(n)  # 5 + 4 samples
-sharded = ShardedImageSet.from_whole(whole, group)
+whole = ImageSet(images=np.ascontiguousarray(pixels), prompts=prompts, seeds=list(range(n)))
+sharded = ShardedImageSet.from_whole(whole, group)  # 5 + 4 samples
 long = "a red seven on a white ground , drawn very large"  # 10 words; the captions have 8
 asked = [long if i in (1, 3, 7) else f"prompt {i} is long enough to be cut by the scorer" if i in (2, 6)
          else prompts[i] for i in range(n)]
@@ -1167,10 +1165,8 @@ group = d.start(d.detect_launch(), timeout=120)
 settings.configure(cache_dir=Path("cache").resolve(), result_cache=True)
 n = 21
 pixels, prompts = make_images(n, seed=7, split="heldout")
-seeds = list(range(n))
-whole = ImageSet(images=np.ascontiguousarray(pixels), prompts=prompts, seeds=seeds)
-block = group.share(n)  # 11 + 10 samples
-sharded = ShardedImageSet.from_whole(whole, group)
+whole = ImageSet(images=np.ascontiguousarray(pixels), prompts=prompts, seeds=list(range(n)))
+sharded = ShardedImageSet.from_whole(whole, group)  # 11 + 10 samples
 
 
 class Moments(torch.nn.Module):  # float64 logits whose rows do not depend on the batch they are computed in

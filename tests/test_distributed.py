@@ -96,6 +96,27 @@ def test_preservation_details_of_uneven_blocks_combine_to_the_whole_sets() -> No
     assert get_metric("preservation_psnr").compute(whole).details["capped"] == 4
 
 
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), ("cuda", "cpu:gloo,cuda:nccl"),
+                                                 ("cuda:0", "cpu:gloo,cuda:nccl")])
+def test_the_process_group_is_nccl_on_gpus_and_gloo_on_the_cpu(monkeypatch: pytest.MonkeyPatch, device: str,
+                                                                backend: str) -> None:
+    """What ``start`` asks torch.distributed for (faked: no GPU here): on a GPU NCCL for CUDA
+    tensors and gloo for the CPU tensors the plugin's collectives send; gloo alone on the CPU."""
+    import torch.distributed as dist
+
+    joined: dict[str, object] = {}
+    monkeypatch.setattr(dist, "TCPStore", lambda *args, **kwargs: object())
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: (prefix, store))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: joined.update(backend=backend, **kwargs))
+    group = distributed.start(distributed.Launch(1, 2, 1, "127.0.0.1", 29511), device=device, timeout=5)
+    try:
+        assert joined["backend"] == group.backend == backend and joined["rank"] == 1 and joined["world_size"] == 2
+    finally:
+        distributed._ACTIVE.remove(group)
+        group.restore()
+
+
 def test_a_launch_is_detected_from_torchruns_variables() -> None:
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511",
            "TORCHELASTIC_USE_AGENT_STORE": "True"}

@@ -336,10 +336,19 @@ class Group:
         return [json.loads(bytes(part).decode()) for part in self.all_gather_array(data, what)]
 
     def close(self) -> None:
+        """Leave the process group once every rank is here: a gloo rank whose peer tears its
+        connections down mid-exchange aborts (SIGABRT, "terminate called without an active
+        exception"; seen once in 3 ranks under load), so the ranks meet first."""
+        import torch
         import torch.distributed as dist
 
-        if dist.is_initialized() and not self.broken:
-            dist.destroy_process_group()
+        if not dist.is_initialized() or self.broken:
+            return
+        try:
+            self._collective("leave the process group", dist.all_reduce, torch.zeros(1))  # CPU: over gloo
+        except DistributedError:
+            return  # a rank is gone: nothing to tear down together
+        dist.destroy_process_group()
 
 
 _ACTIVE: list[Group] = []

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from pytest_diffeval import skip_or_fail
 from pytest_diffeval.embedded.data import caption, make_images, parse_caption
 
 CLIP = "openai/clip-vit-large-patch14"  # the backbone the published numbers use
@@ -153,9 +154,7 @@ def cifar10_test_images(request: pytest.FixtureRequest) -> str:
         return folder
     reason = ("needs the CIFAR-10 test images: set DIFFEVAL_CIFAR10_DIR to a folder of them as PNGs (e.g. exported "
               "from `huggingface-cli download uoft-cs/cifar10 --repo-type dataset`, split 'test')")
-    if request.config.getoption("diffeval_require_gpu"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    skip_or_fail(request.config, reason)
 
 
 @pytest.mark.gpu

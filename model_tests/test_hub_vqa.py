@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from pytest_diffeval import ImageSet, load_questions
+from pytest_diffeval import ImageSet, load_questions, skip_or_fail
 from pytest_diffeval.vqa import DEFAULT_VQA_MODEL
 
 QUESTIONS_ENV = "DIFFEVAL_VQA_QUESTIONS"
@@ -54,9 +54,7 @@ def vqa_questions(request: pytest.FixtureRequest) -> str:
         return path
     reason = (f"needs a question file: set {QUESTIONS_ENV} to a TIFA, DSG or GenEval 2 question file (JSON or JSONL; "
               f"none is shipped){f', {path!r} is not a file' if path else ''}")
-    if request.config.getoption("diffeval_require_gpu"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    skip_or_fail(request.config, reason)
 
 
 def file_prompts(questions: str, count: int = PROMPTS) -> list[str]:

@@ -29,7 +29,7 @@ import pytest
 from conftest import MODEL, SAMPLING
 from PIL import Image
 
-from pytest_diffeval import assert_metric
+from pytest_diffeval import assert_metric, skip_or_fail
 from pytest_diffeval.embedded.data import HELDOUT_PROMPTS
 from pytest_diffeval.metrics import compute_metric
 
@@ -133,9 +133,7 @@ def hub_lora_page(request) -> tuple[Path, Path]:
               "(e.g. base_model stabilityai/stable-diffusion-xl-base-1.0, lora nerijs/pixel-art-xl, lora_weight_name "
               "pixel-art-xl.safetensors, the showcase images' prompts and settings) and DIFFEVAL_VGG19 to torchvision's "
               "vgg19-dcbb9e9d.pth")
-    if request.config.getoption("diffeval_require_gpu"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    skip_or_fail(request.config, reason)
 
 
 @pytest.mark.gpu

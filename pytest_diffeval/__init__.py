@@ -34,6 +34,7 @@ from .metrics import Metric, MetricResult, compute_metric, register_metric
 from .metrics.per_class import compute_per_class
 from .metrics.reference_stats import save_reference_statistics
 from .pipelines import load_pipeline
+from .plugin.options import skip_or_fail
 from .prompts import PromptRecord, load_drawbench, load_parti_prompts
 from .verdicts import Comparison
 from .vqa import VQABackend, caption, load_questions
@@ -64,6 +65,7 @@ __all__ = [
     "TripwireError",
     "WeightsNotAvailableError",
     "load_pipeline",
+    "skip_or_fail",
     "Comparison",
     "PromptRecord",
     "load_drawbench",

@@ -89,6 +89,26 @@ def test_gpu_marker_skips_with_a_reason_and_require_gpu_fails(pytester: pytest.P
     assert "torch.cuda.is_available()" in message and "run without --diffeval-require-gpu" in message
 
 
+def test_a_gpu_tests_missing_input_skips_or_fails_under_require_gpu() -> None:
+    """``skip_or_fail`` (the hooks' and the example model tests' fixtures'): a skip naming what
+    is missing; under ``--diffeval-require-gpu`` a failure saying why it is not a skip."""
+    from pytest_diffeval import skip_or_fail
+
+    class Config:
+        def __init__(self, required: bool) -> None:
+            self.required = required
+
+        def getoption(self, name: str) -> bool:
+            assert name == "diffeval_require_gpu"
+            return self.required
+
+    with pytest.raises(pytest.skip.Exception, match=r"^needs the CIFAR-10 test images$"):
+        skip_or_fail(Config(False), "needs the CIFAR-10 test images")
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"^needs the CIFAR-10 test images \(a failure, not a skip, under --diffeval-require-gpu\)$"):
+        skip_or_fail(Config(True), "needs the CIFAR-10 test images")
+
+
 def test_cuda_device_requested_without_cuda_is_a_usage_error(user_project: pytest.Pytester) -> None:
     user_project.makepyfile(test_dev="""
         def test_device(diffeval_device):

@@ -35,7 +35,7 @@ from ..scheduling import balance, entries_of, partition
 from ..session import DiffevalSession, is_worker
 from ..xdist_scheduler import make_scheduler, write_entries
 from .fixtures import override, resolved_device
-from .options import durations_path, model_dist, sharding, value
+from .options import durations_path, model_dist, sharding, skip_or_fail, value
 from .summary import counter_lines, process_counters
 
 GPU_MISSING = ("pytest-diffeval: --diffeval-require-gpu was given but no CUDA GPU is available here; a GPU runner "
@@ -171,11 +171,8 @@ class SessionHooks:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Any:
         if item.get_closest_marker("gpu") and not resolved_device().startswith("cuda"):
-            reason = ("needs a CUDA GPU; run on a GPU machine with `pytest --diffeval-require-gpu` "
-                      f"(device here: {resolved_device()})")
-            if item.config.getoption("diffeval_require_gpu"):
-                pytest.fail(reason)
-            pytest.skip(reason)
+            skip_or_fail(item.config, "needs a CUDA GPU; run on a GPU machine with `pytest --diffeval-require-gpu` "
+                                      f"(device here: {resolved_device()})")
         try:
             return (yield)
         except FileNotFoundError as exc:  # a fixture may load the hub model
@@ -334,11 +331,8 @@ def skip_missing_weights(item: pytest.Item, exc: FileNotFoundError) -> None:
     ``--diffeval-require-gpu`` they fail it (a GPU runner that silently skips is a false
     green).  Elsewhere a missing model stays the error it is (this returns)."""
     reason = missing_weights_reason(exc) if item.get_closest_marker("gpu") else None
-    if reason is None:
-        return
-    if item.config.getoption("diffeval_require_gpu"):
-        pytest.fail(f"{reason} (a failure, not a skip, under --diffeval-require-gpu)", pytrace=False)
-    pytest.skip(reason)
+    if reason is not None:
+        skip_or_fail(item.config, reason)
 
 
 def missing_weights_reason(exc: FileNotFoundError) -> str | None:

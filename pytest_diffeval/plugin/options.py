@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -85,6 +85,16 @@ def add_options(parser: pytest.Parser) -> None:
                     help="fail (do not skip) when no CUDA GPU is available or a GPU test would be skipped")
     parser.addini("diffeval_baselines_dir", help="folder of stored baselines, relative to the rootdir",
                   default="baselines")
+
+
+def skip_or_fail(config: pytest.Config, reason: str) -> NoReturn:
+    """A GPU test cannot run here (no GPU, weights or data it needs): skip it with ``reason``,
+    or fail it under ``--diffeval-require-gpu``, where a GPU runner that silently skips would
+    be a false green.  For a model test's own fixtures too (``pytest_diffeval.skip_or_fail``)."""
+    __tracebackhide__ = True
+    if config.getoption("diffeval_require_gpu"):
+        pytest.fail(f"{reason} (a failure, not a skip, under --diffeval-require-gpu)", pytrace=False)
+    pytest.skip(reason)
 
 
 def sharding(config: pytest.Config) -> tuple[int, int] | None:
